@@ -1,0 +1,60 @@
+# Every target has a "## what it does" comment: `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Extra flags for train.py, e.g. make train ARGS="--epochs 3 --data-source imagedir --data-dir /some/dir"
+ARGS ?=
+# Where `make load_tfdata` puts the TFDS data (train.py's default --data-dir for tfds).
+TFDS_DIR ?= /storage/tfdata
+DATASET ?= malaria
+
+.PHONY: help env quickstart train load_tfdata test lint format bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+# The stamp is rebuilt only when a requirements file changes.
+$(VENV)/.installed: requirements.txt tests/requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r tests/requirements.txt
+	touch $@
+
+env: $(VENV)/.installed ## create .venv from the pinned requirements
+
+quickstart: $(VENV)/.installed ## train a small CNN on offline demo data, log and register it locally
+	$(BIN)/python train.py --data-source demo --image-size 64 --convolutions 3 \
+		--epochs 6 --batch-size 32 --learning-rate 0.002 --experiment-name quickstart $(ARGS)
+
+train: $(VENV)/.installed ## run train.py locally with ARGS="--flag value ..."
+	$(BIN)/python train.py $(ARGS)
+
+load_tfdata: $(VENV)/.installed ## download the TFDS dataset DATASET (default malaria) into TFDS_DIR
+	$(BIN)/python -c "import sys, train; sys.exit(train.download_tfds('$(DATASET)', '$(TFDS_DIR)'))"
+
+test: $(VENV)/.installed ## run the test suite (slow tests skip with a reason where Docker or PostgreSQL is missing)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed ## check code style with ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed ## reformat the code with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.installed ## measure input-pipeline throughput against a naive baseline
+	$(BIN)/python tests/bench_pipeline.py $(ARGS)
+
+clean: ## remove caches and generated demo data (keeps .venv and the tracking store)
+	rm -rf .pytest_cache .ruff_cache data/demo
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+# ---- Docker (see doc/ and project_driver.bash) ----
+# ---- end Docker ----
+
+# ---- Tracking server and model lifecycle ----
+# ---- end tracking server ----
