@@ -1,0 +1,48 @@
+# The training image that `make build` makes and `make run` (mlflow run) starts.
+# Layers go from slowest-changing to fastest: the TensorFlow base, git, the
+# pinned Python requirements, the user, and last the project code, so editing
+# train.py rebuilds only the final COPY (seconds).
+#
+# BASE_IMAGE overrides the base, for example a CPU image or a local one:
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim -t NAME .
+# The tag itself is written once, in MLproject's docker_env (the Makefile reads it).
+ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
+FROM ${BASE_IMAGE}
+
+# GIT_PYTHON_REFRESH=quiet: the project folder in the image has no .git (the
+# commit is tagged on the run by `mlflow run` on the host), so GitPython's
+# warnings would be noise.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    GIT_PYTHON_REFRESH=quiet \
+    TF_CPP_MIN_LOG_LEVEL=2
+
+# MLflow records source versions with git; install it where the base lacks it.
+RUN command -v git >/dev/null || { \
+        apt-get update && apt-get install -y --no-install-recommends git \
+        && rm -rf /var/lib/apt/lists/*; }
+
+# The same pinned file as .venv, so the image and the local environment agree.
+# On the TensorFlow base, tensorflow==2.21.0 is already there and pip keeps it.
+COPY requirements.txt /tmp/requirements.txt
+RUN python3 -m pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+
+# Train as a non-root user. project_driver.bash runs the container with the
+# caller's uid:gid (or this user's when the caller is root), so files written to
+# mounted folders such as /storage belong to the caller. HOME and the code
+# folder are writable by any uid (Keras, matplotlib and TFDS keep caches there).
+ARG USER_UID=1000
+RUN useradd --create-home --non-unique --uid "${USER_UID}" trainer \
+    && chmod 1777 /home/trainer \
+    && mkdir -p /mlflow/projects/code && chmod 1777 /mlflow/projects/code
+ENV HOME=/home/trainer
+
+# mlflow run starts the entry point in this folder (MLflow's own convention,
+# the same path `mlflow run --build-image` uses). .dockerignore keeps .venv,
+# data, tracking stores and tests out.
+WORKDIR /mlflow/projects/code
+COPY --chown=${USER_UID}:${USER_UID} . .
+USER trainer

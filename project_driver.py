@@ -1,0 +1,590 @@
+"""Run this project's training in its Docker image through MLflow Projects.
+
+Usage:
+    ./project_driver.bash -P epochs=3                 # one run (make run ARGS="-P epochs=3")
+    python project_driver.py plan -P epochs=3         # what project_driver.bash evaluates
+    python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
+    python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
+
+Before anything starts, the driver decides, and says in one line each:
+  GPU       --gpus all when Docker has an NVIDIA runtime, else the CPU (GPUS=none|all|device=N
+            overrides); a sweep on several GPUs gives each run its own (--gpus device=N);
+  tracking  the MLflow server must answer within seconds; one on this host's loopback
+            (http://localhost:5000) is reached with --network host, or, with
+            DOCKER_NETWORK=bridge, through the Docker bridge gateway address;
+  user      the container runs as the caller's uid:gid (the image's `trainer` user when the
+            caller is root), so files it writes on mounted folders are not root-owned;
+  storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists.
+Nothing else from the host is mounted: no home folder, no ~/.pgpass, no keys.
+
+The pure decisions (docker args, the tracking URI, the sweep grid) are functions that
+tests call without Docker; main() only gathers facts from the host and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import itertools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent
+# The uid of the `trainer` user that Dockerfile creates (its USER_UID build arg).
+IMAGE_UID = 1000
+DEFAULT_STORAGE_DIR = "/storage"
+# Docker's default bridge gateway, used when `docker network inspect` does not say.
+DEFAULT_BRIDGE_GATEWAY = "172.17.0.1"
+# Seconds to wait for the tracking server before giving up (fail fast, not after 255 s).
+SERVER_TIMEOUT = 5.0
+
+
+class DriverError(Exception):
+    """A problem the user can fix; main() prints the message and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------
+# Facts about the project and the host
+# ----------------------------------------------------------------------------
+
+
+def read_image_tag(mlproject: Path = PROJECT_DIR / "MLproject") -> str:
+    """The training image tag, from MLproject's docker_env (the one place it is written).
+
+    Args:
+        mlproject: path of the MLproject file.
+
+    Returns:
+        The image tag, e.g. "py-tf2-gpu-dock-mlflow:latest".
+    """
+    spec = yaml.safe_load(mlproject.read_text())
+    try:
+        return str(spec["docker_env"]["image"])
+    except (KeyError, TypeError):
+        raise DriverError(f"{mlproject} has no docker_env: image: ... entry") from None
+
+
+@dataclass
+class GpuInfo:
+    """What the host offers for GPUs in containers."""
+
+    runtime: bool  # Docker can start containers with --gpus (NVIDIA runtime or toolkit)
+    count: int  # GPUs that nvidia-smi lists on the host (0 when it is missing)
+
+
+def _output(command: Sequence[str], timeout: float = 20) -> str:
+    """stdout of a command, or "" when it is missing or fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def detect_gpus() -> GpuInfo:
+    """Ask Docker for its runtimes and nvidia-smi for the GPUs."""
+    runtimes = _output(["docker", "info", "--format", "{{json .Runtimes}}"])
+    toolkit = any(
+        shutil.which(name)
+        for name in ("nvidia-container-runtime-hook", "nvidia-container-toolkit", "nvidia-ctk")
+    )
+    listing = _output(["nvidia-smi", "-L"])
+    count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+    return GpuInfo(runtime="nvidia" in runtimes or (toolkit and count > 0), count=count)
+
+
+def bridge_gateway() -> str:
+    """The host's address on Docker's default bridge (where containers find the host)."""
+    gateway_format = "{{range .IPAM.Config}}{{.Gateway}}{{end}}"
+    gateway = _output(["docker", "network", "inspect", "bridge", "--format", gateway_format])
+    gateway = gateway.strip()
+    if not gateway:
+        for word in _output(["ip", "-4", "-o", "addr", "show", "docker0"]).split():
+            if "/" in word and word[0].isdigit():
+                gateway = word.split("/")[0]
+                break
+    return gateway or DEFAULT_BRIDGE_GATEWAY
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT) -> None:
+    """Fail within `timeout` seconds when an http(s) tracking server does not answer.
+
+    Any HTTP answer counts (an auth proxy may say 401): only no answer at all fails.
+
+    Raises:
+        DriverError: with the fix in the message.
+    """
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise DriverError(
+            f"the MLflow tracking server at {uri} is unreachable ({reason}). Start one "
+            "(`make server`, or `mlflow server --host 127.0.0.1 --port 5000`) or point "
+            "MLFLOW_TRACKING_URI at a server that runs. No container was started."
+        ) from None
+
+
+# ----------------------------------------------------------------------------
+# Decisions: pure functions of the facts above (the unit tests call these)
+# ----------------------------------------------------------------------------
+
+
+def gpu_docker_args(setting: str, gpus: GpuInfo) -> tuple[dict[str, str], str]:
+    """The --gpus docker arg for one run.
+
+    Args:
+        setting: "auto" (use the GPUs when Docker can), "none", "all" or "device=N[,M]".
+        gpus: what the host offers.
+
+    Returns:
+        (docker args, one line saying what was decided).
+    """
+    setting = (setting or "auto").strip()
+    if setting == "none":
+        return {}, "GPU: GPUS=none: training runs on the CPU"
+    if setting != "auto":
+        return {"gpus": setting}, f"GPU: GPUS={setting}: passing --gpus {setting}"
+    if gpus.runtime:
+        found = f"{gpus.count} GPU(s)" if gpus.count else "GPUs"
+        return {"gpus": "all"}, f"GPU: NVIDIA runtime with {found}: passing --gpus all"
+    if gpus.count:
+        return {}, (
+            f"GPU: {gpus.count} GPU(s) on the host but Docker has no NVIDIA runtime "
+            "(see doc/check_gpu_docker.md): training runs on the CPU"
+        )
+    return {}, "GPU: no NVIDIA runtime in Docker: training runs on the CPU"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and addresses in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def container_tracking(uri: str, network: str, gateway: str) -> tuple[str, dict[str, str], str]:
+    """How the container reaches the tracking server.
+
+    A container on Docker's default bridge has its own loopback, so a server at
+    http://localhost:5000 on the host is not there. Either the container shares the
+    host's network (the default: works with a server that listens on 127.0.0.1 only),
+    or, with network="bridge", the URI is rewritten to the bridge gateway address,
+    which the host and the container both reach when the server listens on it
+    (`mlflow server --host 0.0.0.0`).
+
+    Args:
+        uri: the tracking URI on the host.
+        network: "auto" (host network for a loopback server), "host" or "bridge".
+        gateway: the host's address on the Docker bridge, e.g. 172.17.0.1.
+
+    Returns:
+        (tracking URI for the host and the container, docker args, one line saying what).
+    """
+    if network not in ("auto", "host", "bridge"):
+        raise DriverError(f"DOCKER_NETWORK={network!r}: use auto, host or bridge")
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return uri, {}, f"tracking: {uri} (not a server: MLflow mounts it into the container)"
+    host = parts.hostname or ""
+    if network == "host" or (network == "auto" and is_loopback(host)):
+        why = "is on this host's loopback" if is_loopback(host) else "(DOCKER_NETWORK=host)"
+        return (
+            uri,
+            {"network": "host"},
+            (f"tracking: {uri} {why}: the container shares the host network (--network host)"),
+        )
+    if is_loopback(host):
+        netloc = gateway + (f":{parts.port}" if parts.port else "")
+        rewritten = urlunsplit(parts._replace(netloc=netloc))
+        return (
+            rewritten,
+            {},
+            (
+                f"tracking: {uri} rewritten to {rewritten}, the Docker bridge gateway "
+                "(the server must listen there, e.g. mlflow server --host 0.0.0.0)"
+            ),
+        )
+    return uri, {}, f"tracking: {uri} over Docker's default bridge network"
+
+
+def user_docker_args(uid: int, gid: int) -> tuple[dict[str, str], str]:
+    """Run the container as the caller, or as the image's user when the caller is root."""
+    if uid == 0:
+        return {"user": f"{IMAGE_UID}:{IMAGE_UID}"}, (
+            f"user: caller is root: the container runs as the image's user {IMAGE_UID}:{IMAGE_UID}"
+        )
+    return {"user": f"{uid}:{gid}"}, f"user: the container runs as {uid}:{gid} (you)"
+
+
+def storage_docker_args(storage_dir: str) -> tuple[dict[str, str], str]:
+    """Mount the host data folder at the same path, when it exists."""
+    if not storage_dir:
+        return {}, "storage: STORAGE_DIR is empty: no data folder mounted"
+    if not os.path.isdir(storage_dir):
+        return {}, f"storage: {storage_dir} does not exist here: nothing mounted (set STORAGE_DIR)"
+    return {"volume": f"{storage_dir}:{storage_dir}"}, (
+        f"storage: {storage_dir} is mounted at the same path"
+    )
+
+
+# docker run flags that several names spell; a user's -A for any of them wins.
+_ALIASES = {"v": "volume", "u": "user", "net": "network"}
+
+
+@dataclass
+class Plan:
+    """Everything one `mlflow run` needs from the driver."""
+
+    tracking_uri: str
+    docker_args: dict[str, str | bool] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def make_plan(
+    environ: Mapping[str, str],
+    gpus: GpuInfo,
+    gateway: str,
+    uid: int,
+    gid: int,
+    user_docker_args_given: Mapping[str, object] = (),
+) -> Plan:
+    """Decide the docker args and tracking URI of one run.
+
+    Args:
+        environ: the environment (MLFLOW_TRACKING_URI, GPUS, DOCKER_NETWORK, STORAGE_DIR).
+        gpus: what the host offers.
+        gateway: the host's address on the Docker bridge.
+        uid, gid: the caller's ids.
+        user_docker_args_given: -A names the user passed; the driver leaves those alone.
+
+    Returns:
+        The plan. Raises DriverError when MLFLOW_TRACKING_URI is not set.
+    """
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise DriverError(
+            "MLFLOW_TRACKING_URI is not set. The container logs to a tracking server: "
+            "start one (`make server` serves http://127.0.0.1:5000) and "
+            "`export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`."
+        )
+    uri, network_args, tracking_line = container_tracking(
+        uri, environ.get("DOCKER_NETWORK", "auto"), gateway
+    )
+    plan = Plan(tracking_uri=uri)
+    given = {_ALIASES.get(name, name) for name in user_docker_args_given}
+    for args, line in (
+        gpu_docker_args(environ.get("GPUS", "auto"), gpus),
+        (network_args, tracking_line),
+        user_docker_args(uid, gid),
+        storage_docker_args(environ.get("STORAGE_DIR", DEFAULT_STORAGE_DIR)),
+    ):
+        if given & set(args):
+            line += f" [your -A {', '.join(sorted(given & set(args)))} is used instead]"
+            args = {k: v for k, v in args.items() if k not in given}
+        plan.docker_args.update(args)
+        plan.messages.append(line)
+    return plan
+
+
+def docker_arg_flags(docker_args: Mapping[str, str | bool]) -> list[str]:
+    """The `mlflow run` flags for docker args: -A name=value, or -A name for a flag."""
+    flags = []
+    for name, value in docker_args.items():
+        flags += ["-A", name if value is True else f"{name}={value}"]
+    return flags
+
+
+def shell_plan(plan: Plan) -> str:
+    """Bash lines that project_driver.bash evaluates: the tracking URI and the -A flags."""
+    flags = " ".join(shlex.quote(flag) for flag in docker_arg_flags(plan.docker_args))
+    return f"export MLFLOW_TRACKING_URI={shlex.quote(plan.tracking_uri)}\ndocker_args=({flags})\n"
+
+
+def user_docker_arg_names(mlflow_run_args: Sequence[str]) -> list[str]:
+    """The names of the -A/--docker-args the user passed on to `mlflow run`."""
+    names = []
+    for index, arg in enumerate(mlflow_run_args):
+        value = None
+        if arg in ("-A", "--docker-args") and index + 1 < len(mlflow_run_args):
+            value = mlflow_run_args[index + 1]
+        elif arg.startswith("--docker-args="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-A") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None:
+            names.append(value.split("=", 1)[0])
+    return names
+
+
+# ----------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------
+
+
+def parse_param_values(items: Sequence[str]) -> dict[str, list[str]]:
+    """-P name=v1,v2 items to {name: [v1, v2]} (a YAML grid file takes values with commas).
+
+    Raises:
+        DriverError: for an item without "=" or with an empty value list.
+    """
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip():
+            raise DriverError(f"-P {item!r}: write -P name=value or -P name=v1,v2,...")
+        split = [value.strip() for value in values.split(",")]
+        if not all(split):
+            raise DriverError(f"-P {item!r}: a value list must not have empty entries")
+        grid[name.strip()] = split
+    return grid
+
+
+def load_grid_file(path: Path) -> dict[str, list[str]]:
+    """A YAML grid: `name: value` or `name: [v1, v2]`, optionally under `parameters:`.
+
+    Example:
+        parameters:
+          data_source: demo
+          epochs: [1, 2]
+          learning_rate: [0.001, 0.01]
+    """
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(spec, dict) and set(spec) == {"parameters"}:
+        spec = spec["parameters"]
+    if not isinstance(spec, dict):
+        raise DriverError(f"{path}: expected a mapping of parameter names to values or lists")
+    grid = {}
+    for name, values in spec.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise DriverError(f"{path}: {name} has an empty list of values")
+        grid[str(name)] = [_yaml_scalar(value) for value in values]
+    return grid
+
+
+def _yaml_scalar(value: object) -> str:
+    """A YAML value as mlflow run's -P takes it (true/false for booleans)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def expand_grid(grid: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """Every combination of the values, the first parameter varying slowest.
+
+    >>> expand_grid({"epochs": ["1", "2"], "learning_rate": ["0.1"]})
+    [{'epochs': '1', 'learning_rate': '0.1'}, {'epochs': '2', 'learning_rate': '0.1'}]
+    """
+    names = list(grid)
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
+def check_param_names(points: Sequence[Mapping[str, str]], known: Sequence[str]) -> None:
+    """Fail before launching anything when a parameter is not in MLproject's main."""
+    unknown = sorted({name for point in points for name in point} - set(known))
+    if unknown:
+        raise DriverError(
+            f"unknown parameter(s) {', '.join(unknown)}; MLproject's main entry point "
+            f"takes: {', '.join(known)}"
+        )
+
+
+def run_gpu_args(slot: int, gpus: GpuInfo, setting: str) -> dict[str, str]:
+    """The --gpus arg of the run in `slot`: its own GPU when there are several."""
+    if setting in ("auto", "") and gpus.runtime and gpus.count > 1:
+        return {"gpus": f"device={slot % gpus.count}"}
+    return gpu_docker_args(setting, gpus)[0]
+
+
+def format_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """A plain text table with a header; columns are the union of the rows' keys."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    cells = [[_cell(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(r[i]) for r in cells]) for i, column in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_sweep(
+    points: Sequence[Mapping[str, str]],
+    base_docker_args: Mapping[str, str | bool],
+    gpus: GpuInfo,
+    gpu_setting: str,
+    parallel: int,
+    experiment_name: str | None,
+    poll_seconds: float = 2.0,
+) -> list[dict[str, object]]:
+    """Launch the runs, at most `parallel` at once, each on its own GPU slot; wait for all.
+
+    Returns:
+        One row per run: its parameters, run id, status and final metrics.
+    """
+    import mlflow
+    import mlflow.projects
+
+    # Asynchronous runs start `mlflow run` in a subprocess: the venv's mlflow must be on PATH.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    pending = list(enumerate(points))
+    free_slots = list(range(parallel))
+    running: dict[int, tuple[int, object]] = {}  # slot -> (index, submitted run)
+    results: dict[int, dict[str, object]] = {}
+    while pending or running:
+        while pending and free_slots:
+            index, params = pending.pop(0)
+            slot = free_slots.pop(0)
+            docker_args = dict(base_docker_args) | run_gpu_args(slot, gpus, gpu_setting)
+            print(
+                f"[{index + 1}/{len(points)}] launching {params} "
+                f"({' '.join(docker_arg_flags(docker_args))})",
+                flush=True,
+            )
+            try:
+                submitted = mlflow.projects.run(
+                    str(PROJECT_DIR),
+                    entry_point="main",
+                    parameters=dict(params),
+                    docker_args=docker_args,
+                    experiment_name=experiment_name,
+                    synchronous=False,
+                )
+            except Exception as error:  # a launch failure fails that run, not the sweep
+                results[index] = {**params, "run_id": "", "status": f"NOT STARTED: {error}"}
+                free_slots.append(slot)
+                continue
+            running[slot] = (index, submitted)
+        time.sleep(poll_seconds)
+        for slot, (index, submitted) in list(running.items()):
+            status = submitted.get_status()
+            if status in ("FINISHED", "FAILED", "KILLED"):
+                print(f"[{index + 1}/{len(points)}] run {submitted.run_id} {status}", flush=True)
+                results[index] = {**points[index], "run_id": submitted.run_id, "status": status}
+                del running[slot]
+                free_slots.append(slot)
+    client = mlflow.MlflowClient()
+    rows = []
+    for index in range(len(points)):
+        row = results[index]
+        if row["run_id"]:
+            metrics = client.get_run(str(row["run_id"])).data.metrics
+            row.update({name: metrics[name] for name in sorted(metrics)})
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def host_plan(mlflow_run_args: Sequence[str] = ()) -> tuple[Plan, GpuInfo]:
+    """The plan for this host: gathers the facts, decides, checks the server."""
+    gpus = detect_gpus()
+    environ = dict(os.environ)
+    gateway = bridge_gateway() if environ.get("DOCKER_NETWORK") == "bridge" else ""
+    plan = make_plan(
+        environ,
+        gpus,
+        gateway,
+        os.getuid(),
+        os.getgid(),
+        user_docker_arg_names(mlflow_run_args),
+    )
+    try:
+        check_server(plan.tracking_uri)
+    except DriverError as error:
+        if plan.tracking_uri != environ.get("MLFLOW_TRACKING_URI"):
+            raise DriverError(
+                f"{error} With DOCKER_NETWORK=bridge the server must listen on the bridge "
+                "gateway (mlflow server --host 0.0.0.0); a server on 127.0.0.1 only needs "
+                "DOCKER_NETWORK=auto (host network)."
+            ) from None
+        raise
+    return plan, gpus
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "plan",
+        help="print the bash lines project_driver.bash evaluates (messages on stderr); "
+        "the mlflow run options that follow are passed on",
+    )
+    sweep = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
+    sweep.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
+    sweep.add_argument("--grid", type=Path, help="YAML file of parameter values")
+    sweep.add_argument(
+        "--parallel", type=int, default=0, help="runs at once (default: GPUs, or 2 on the CPU)"
+    )
+    sweep.add_argument("--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
+    # `plan` takes any `mlflow run` options after it, which argparse would reject.
+    args = parser.parse_args(argv[:1] if argv[:1] == ["plan"] else argv)
+
+    try:
+        if args.command == "plan":
+            plan, _ = host_plan(argv[1:])
+            for line in plan.messages:
+                print(line, file=sys.stderr)
+            sys.stdout.write(shell_plan(plan))
+            return 0
+
+        grid = load_grid_file(args.grid) if args.grid else {}
+        grid.update(parse_param_values(args.param))
+        if not grid:
+            raise DriverError("nothing to sweep: give -P name=v1,v2 or --grid FILE")
+        points = expand_grid(grid)
+        spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())
+        check_param_names(points, list(spec["entry_points"]["main"]["parameters"]))
+        plan, gpus = host_plan()
+        os.environ["MLFLOW_TRACKING_URI"] = plan.tracking_uri
+        for line in plan.messages:
+            print(line)
+        parallel = args.parallel or (gpus.count if gpus.runtime and gpus.count else 2)
+        print(f"sweep: {len(points)} runs, {parallel} at once, image {read_image_tag()}")
+        gpu_setting = os.environ.get("GPUS", "auto")
+        rows = run_sweep(
+            points, plan.docker_args, gpus, gpu_setting, parallel, args.experiment_name
+        )
+    except DriverError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows))
+    failed = [row for row in rows if row["status"] != "FINISHED"]
+    if failed:
+        print(f"\n{len(failed)} of {len(rows)} runs did not finish", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
