@@ -54,6 +54,35 @@ clean: ## remove caches and generated demo data (keeps .venv and the tracking st
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 # ---- Docker (see doc/ and project_driver.bash) ----
+# The image tag is written once, in MLproject's docker_env; this reads it from there.
+IMAGE := $(shell sed -n 's/^ *image: *//p' MLproject | head -n 1)
+# BASE_IMAGE=... builds on another base than the Dockerfile's TensorFlow GPU image.
+BASE_IMAGE ?=
+# EXPERIMENT=name: the MLflow experiment of make run (else MLFLOW_EXPERIMENT_NAME or Default).
+EXPERIMENT ?=
+
+.PHONY: build run sweep kube-run test-docker
+
+build: ## build the training image (tag from MLproject; BASE_IMAGE=... overrides the base)
+	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+
+run: $(VENV)/.installed build ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3")
+	PYTHON=$(BIN)/python ./project_driver.bash $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+sweep: $(VENV)/.installed build ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
+	$(BIN)/python project_driver.py sweep $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+# MLflow's Kubernetes backend builds FROM the image above with the project folder
+# added and pushes it; a worktree of HEAD keeps .venv and data out of that copy.
+kube-run: $(VENV)/.installed build ## run the committed code as a Kubernetes Job (kubernetes/kubernetes_config.json)
+	@src="$$(mktemp -d)/src" && git worktree add --detach --quiet "$$src" HEAD && \
+	trap 'git worktree remove --force "$$src"' EXIT && \
+	$(BIN)/mlflow run "$$src" --backend kubernetes \
+		--backend-config kubernetes/kubernetes_config.json --build-image \
+		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+test-docker: $(VENV)/.installed ## the Docker tests: builds the image, runs make run against a real server (minutes)
+	$(BIN)/python -m pytest -m docker $(ARGS)
 # ---- end Docker ----
 
 # ---- Tracking server and model lifecycle ----
