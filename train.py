@@ -449,9 +449,8 @@ def load_tfds(cfg: Config):
     class_names = list(ds_info.features["label"].names)
     if len(class_names) < 2:
         raise UserError(f"TFDS dataset '{cfg.dataset}' has fewer than two classes")
-    total = ds_info.splits["train"].num_examples
-    counts = [_cap(total - total * val_percent // 100, cfg.training_samples),
-              _cap(total * val_percent // 100, cfg.validation_samples)]  # fmt: skip
+    counts = [_cap(_count(train_raw), cfg.training_samples),
+              _cap(_count(val_raw), cfg.validation_samples)]  # fmt: skip
 
     def pipeline(raw, count, training):
         raw = raw.take(count)
@@ -463,6 +462,12 @@ def load_tfds(cfg: Config):
 
     info = DataInfo(_image_shape(cfg), class_names, counts[0], counts[1])
     return pipeline(train_raw, counts[0], True), pipeline(val_raw, counts[1], False), info
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    """Examples in a dataset: its known cardinality, or counted once when unknown."""
+    known = int(ds.cardinality())
+    return known if known >= 0 else int(ds.reduce(0, lambda n, _: n + 1))
 
 
 def download_tfds(name: str, data_dir: str) -> int:

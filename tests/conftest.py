@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny generated data and real, temporary tracking stores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlflow
+import pytest
+
+import train
+from tests.servers import MlflowServer
+
+
+def tiny_config(**overrides) -> train.Config:
+    """A Config that trains in seconds on 32x32 synthetic images, with nothing downloaded."""
+    defaults = dict(
+        data_source="demo",
+        demo_samples=48,
+        image_size=32,
+        convolutions=1,
+        dense_units=8,
+        epochs=1,
+        batch_size=8,
+        randomize_images=False,
+        experiment_name="tests",
+        registered_model_name="tiny-classifier",
+        export_savedmodel=False,
+    )
+    return dataclasses.replace(train.Config(), **{**defaults, **overrides})
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> str:
+    """A fresh local sqlite tracking store for one test; returns its URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(
+        backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+        artifacts_destination=str(root / "artifacts"),
+        log_path=root / "server.log",
+    ).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def demo_dir(tmp_path):
+    """48 synthetic 32x32 PNGs in two class folders."""
+    directory = tmp_path / "cells"
+    train.make_demo_data(directory, samples=48, image_size=32, seed=1)
+    return directory

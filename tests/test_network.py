@@ -1,0 +1,70 @@
+"""define_network: shapes, heads, the VGG16 freeze, precision policy; roc_curve arithmetic."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import train
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize(("num_classes", "outputs"), [(2, 1), (5, 5)])
+def test_cnn_output_shape_and_head(num_classes, outputs):
+    model = train.define_network((32, 32, 3), num_classes, tiny_config(convolutions=3))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (4, outputs)
+    if outputs > 1:
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers) == 3
+    labels = np.eye(num_classes)[[0, 1, 0, 1]] if outputs > 1 else np.array([[0], [1], [0], [1]])
+    scores = model.evaluate(images, labels, verbose=0, return_dict=True)
+    assert set(scores) == {"loss", "accuracy", "auc", "precision", "recall"}
+
+
+def test_cnn_rescales_raw_pixels_itself():
+    model = train.define_network((16, 16, 1), 2, tiny_config(convolutions=1))
+    assert isinstance(model.layers[1], keras.layers.Rescaling)
+
+
+def test_augmentation_layers_only_when_asked():
+    def has_random_flip(cfg):
+        model = train.define_network((32, 32, 3), 2, cfg)
+        return any(isinstance(layer, keras.layers.RandomFlip) for layer in model.layers)
+
+    assert has_random_flip(tiny_config(randomize_images=True))
+    assert not has_random_flip(tiny_config(randomize_images=False))
+
+
+@pytest.mark.parametrize("fine_tune_layers", [0, 4])
+def test_vgg16_transfer_learning_freezes_the_base(fine_tune_layers):
+    cfg = tiny_config(convolutions=0, weights="none", fine_tune_layers=fine_tune_layers)
+    model = train.define_network((32, 32, 3), 3, cfg)
+    base = model.get_layer("vgg16")
+    trainable = [layer.name for layer in base.layers if layer.trainable and layer.weights]
+    expected = [layer.name for layer in base.layers[-fine_tune_layers:] if layer.weights]
+    assert trainable == (expected if fine_tune_layers else [])
+    assert model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0).shape == (2, 3)
+
+
+def test_mixed_precision_falls_back_to_float32_on_cpu(capsys):
+    assert train.set_precision(tiny_config(mixed_precision="auto")) == "float32"
+    assert train.set_precision(tiny_config(mixed_precision="true")) == "float32"
+    assert "mixed precision needs a GPU" in capsys.readouterr().out
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_strategy_is_default_without_several_gpus():
+    strategy = train.choose_strategy(tiny_config(distribute=True))
+    assert strategy.num_replicas_in_sync == 1
+
+
+def test_roc_curve():
+    fpr, tpr, area = train.roc_curve(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert area == pytest.approx(0.75)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    _, _, perfect = train.roc_curve(np.array([0, 1, 1]), np.array([0.1, 0.7, 0.9]))
+    assert perfect == pytest.approx(1.0)

@@ -1,0 +1,138 @@
+"""Whole training runs on tiny data into real, temporary tracking stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import train
+from tests.conftest import tiny_config
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+EPOCH_METRICS = ["loss", "accuracy", "auc", "precision", "recall"]
+
+
+def cfg_args(cfg: train.Config) -> list[str]:
+    return [arg for f in dataclasses.fields(cfg)
+            for arg in (f"--{f.name}", str(getattr(cfg, f.name)))]  # fmt: skip
+
+
+def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
+    cfg = tiny_config(data_dir=str(tmp_path / "demo"), epochs=2, export_savedmodel=True)
+    assert train.main(cfg_args(cfg)) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("run_id: ")[1].split()[0]
+    assert "registered model: tiny-classifier version 1 (alias candidate)" in out
+    assert "val_accuracy: " in out
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2"
+    assert run.data.params["class_names"] == "parasitized,uninfected"
+    assert run.data.tags["data_source"] == "demo"
+    assert len(run.data.tags["git_commit"]) in (40, len("unknown"))
+    for name in EPOCH_METRICS + [f"val_{m}" for m in EPOCH_METRICS]:
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == [0, 1], name
+
+    def listing(path=None):
+        return {a.path for a in client.list_artifacts(run_id, path)}
+
+    assert {"model_summary.txt", "plots", "tf_serving"} <= listing()
+    assert listing("plots") == {
+        "plots/learning_curves.png",
+        "plots/confusion_matrix.png",
+        "plots/roc_curve.png",
+    }
+    assert "tf_serving/1/saved_model.pb" in listing("tf_serving/1")
+    summary = mlflow.artifacts.load_text(f"runs:/{run_id}/model_summary.txt")
+    assert "conv2d" in summary.lower()
+
+    version = client.get_model_version_by_alias("tiny-classifier", "candidate")
+    assert version.run_id == run_id and str(version.version) == "1"
+    model = mlflow.pyfunc.load_model("models:/tiny-classifier@candidate")
+    assert model.metadata.metadata["class_names"] == ["parasitized", "uninfected"]
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    predictions = np.asarray(model.predict(images))
+    assert predictions.shape == (3, 1)
+    assert ((predictions >= 0) & (predictions <= 1)).all()
+
+
+def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):
+    root = tmp_path / "shapes"
+    for c, name in enumerate(["circle", "square", "triangle"]):
+        train.make_demo_data(tmp_path / name, 8, 24, seed=c)
+        root.mkdir(exist_ok=True)
+        (tmp_path / name / "parasitized").rename(root / name)
+    cfg = tiny_config(data_source="imagedir", data_dir=str(root), val_split=0.25)
+    result = train.run_training(cfg)
+    client = MlflowClient()
+    assert client.get_run(result.run_id).data.params["num_classes"] == "3"
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert "plots/roc_curve.png" not in plots and "plots/confusion_matrix.png" in plots
+    model = mlflow.tensorflow.load_model(f"models:/tiny-classifier/{result.model_version}")
+    assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 3)
+
+
+def test_failed_run_is_marked_failed_and_registers_nothing(tracking_store, tmp_path, monkeypatch):
+    def broken_evaluation(*args, **kwargs):
+        raise RuntimeError("disk full while plotting")
+
+    monkeypatch.setattr(train, "_log_evaluation", broken_evaluation)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.run_training(tiny_config(data_dir=str(tmp_path / "demo")))
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_registered_models() == []
+
+
+def test_bad_data_fails_before_any_run(tracking_store, tmp_path):
+    with pytest.raises(train.UserError, match="does not exist"):
+        train.run_training(tiny_config(data_source="imagedir", data_dir=str(tmp_path / "nope")))
+    assert MlflowClient().get_experiment_by_name("tests") is None
+
+
+def test_unreachable_server_fails_in_seconds(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(train.UserError) as caught:
+        train.run_training(tiny_config(data_dir=str(tmp_path / "demo")))
+    assert time.monotonic() - started < 10
+    assert "is unreachable" in str(caught.value) and "make server" in str(caught.value)
+    assert not (tmp_path / "demo").exists(), "no work may start before the check"
+
+
+def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypatch):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("launched")
+    launched = client.create_run(experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
+    result = train.run_training(tiny_config(data_dir=str(tmp_path / "demo"),
+                                            registered_model_name=""))  # fmt: skip
+    assert result.run_id == launched.info.run_id
+    assert result.model_version is None
+    assert client.get_run(launched.info.run_id).info.status == "FINISHED"
+
+
+def test_training_against_a_real_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    result = train.run_training(tiny_config(data_dir=str(tmp_path / "demo"),
+                                            registered_model_name="served"))  # fmt: skip
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(result.run_id, "val_loss")) == 1
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"model_summary.txt", "plots"}
+    assert client.get_model_version_by_alias("served", "candidate").run_id == result.run_id
+    # artifacts travel over HTTP (proxied): loading needs no shared folder
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    assert np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.float32))).shape == (2, 1)
