@@ -211,7 +211,7 @@ def _resize(image: tf.Tensor, cfg: Config) -> tf.Tensor:
         image = tf.image.grayscale_to_rgb(image)
     elif have == 3 and cfg.channels == 1:
         image = tf.image.rgb_to_grayscale(image)
-    image = tf.image.resize(image, (cfg.image_size, cfg.image_size), antialias=True)
+    image = tf.image.resize(image, (cfg.image_size, cfg.image_size))  # bilinear, as Keras loaders
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
