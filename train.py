@@ -236,7 +236,7 @@ def _readable(path: str) -> bool:
         return False
 
 
-def _files_pipeline(paths: list[str], labels: list[int], class_names: list[str], cfg: Config):
+def files_pipeline(paths: list[str], labels: list[int], class_names: list[str], cfg: Config):
     """Image files + labels -> (train_ds, val_ds, info), leaving unreadable files out.
 
     Policy for corrupt or non-image files: skip them, report how many (and which) on
@@ -319,7 +319,7 @@ def load_imagedir(cfg: Config):
             f"class folder(s) {', '.join(empty)} in {root} hold no images "
             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
         )
-    return _files_pipeline(paths, labels, [d.name for d in class_dirs], cfg)
+    return files_pipeline(paths, labels, [d.name for d in class_dirs], cfg)
 
 
 def _label_index(values: list) -> tuple[list[int], list[str]]:
@@ -363,7 +363,7 @@ def load_dataframe(cfg: Config):
             "Fix the paths (relative ones are read from the table's folder)."
         )
     labels, class_names = _label_index([r[cfg.label_column] for r in rows])
-    return _files_pipeline(paths, labels, class_names, cfg)
+    return files_pipeline(paths, labels, class_names, cfg)
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -1021,8 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
     if "val_accuracy" in result.metrics:
         print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
     if result.tracking_uri.startswith("sqlite:"):
-        print(f"see it: mlflow ui --backend-store-uri {result.tracking_uri}  "
-              "(then open http://127.0.0.1:5000)")  # fmt: skip
+        print(f"see it: make ui, or mlflow ui --backend-store-uri {result.tracking_uri} "
+              "--port 5000, then open http://127.0.0.1:5000")  # fmt: skip
     else:
         print(f"see it: {result.tracking_uri}")
     return 0
