@@ -138,7 +138,8 @@ class PostgresServer:
         pwfile.write_text(self.password + "\n")
         if self._run_as:
             shutil.chown(pwfile, "postgres", "postgres")
-        if not self.data.exists():
+        fresh = not self.data.exists()
+        if fresh:
             self._pg(
                 "initdb",
                 "-D", str(self.data),
@@ -154,7 +155,7 @@ class PostgresServer:
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         env = {**os.environ, "PGPASSWORD": self.password}
-        if self.database != "postgres":
+        if fresh and self.database != "postgres":
             self.create_database(self.database, env)
         return self
 
