@@ -254,3 +254,16 @@ def test_demo_classes_differ_in_dark_spots(tmp_path):
         ]
 
     assert max(darkest("parasitized")) < 160 < min(darkest("uninfected"))
+
+
+def test_load_tfdata_explains_an_unwritable_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should go")
+    assert train.download_tfds("malaria", str(blocker / "tfdata")) == 1
+    assert "cannot create" in capsys.readouterr().err
+
+
+def test_load_tfdata_explains_an_unknown_dataset(tmp_path, capsys):
+    assert train.download_tfds("no_such_dataset_xyz", str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "could not download TFDS dataset 'no_such_dataset_xyz'" in err
