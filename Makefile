@@ -86,4 +86,43 @@ test-docker: $(VENV)/.installed ## the Docker tests: builds the image, runs make
 # ---- end Docker ----
 
 # ---- Tracking server and model lifecycle ----
+# See doc/tracking_server.md and doc/serving.md. MODEL picks a registered model version:
+# models:/NAME@ALIAS, models:/NAME/VERSION, or a bare alias or version of MODEL_NAME.
+MLFLOW_PORT ?= 5000
+MODEL_NAME ?= image-classifier
+MODEL ?= models:/$(MODEL_NAME)@champion
+SERVE_PORT ?= 5001
+
+.PHONY: server server-stop validate predict serve tf-serving reap-runs stack-up stack-down test-server
+
+server: $(VENV)/.installed ## start a local MLflow server on 127.0.0.1:5000 (SQLite + proxied artifacts)
+	MLFLOW_PORT=$(MLFLOW_PORT) tracking_server/local_server.sh start
+
+server-stop: ## stop exactly the server `make server` started
+	MLFLOW_PORT=$(MLFLOW_PORT) tracking_server/local_server.sh stop
+
+validate: $(VENV)/.installed ## evaluate a model version on held-out data, move `champion` if it wins (ARGS=...)
+	$(BIN)/python lifecycle.py validate $(ARGS)
+
+predict: $(VENV)/.installed ## batch predictions to CSV: ARGS="--input DIR_OR_FILES --output preds.csv"
+	$(BIN)/python lifecycle.py predict --model "$(MODEL)" $(ARGS)
+
+serve: $(VENV)/.installed ## serve MODEL over REST on 127.0.0.1:5001 (mlflow models serve)
+	$(BIN)/python lifecycle.py serve --model "$(MODEL)" --port $(SERVE_PORT) $(ARGS)
+
+tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="--output serving/NAME"
+	$(BIN)/python lifecycle.py export --model "$(MODEL)" $(ARGS)
+
+reap-runs: $(VENV)/.installed ## mark runs whose process died as FAILED (ARGS="--stale-minutes 60")
+	$(BIN)/python lifecycle.py reap-runs $(ARGS)
+
+stack-up: ## start the team server (MLflow + PostgreSQL + MinIO, tracking_server/.env)
+	@test -f tracking_server/.env || { echo "copy tracking_server/.env.example to tracking_server/.env and set its secrets first"; exit 1; }
+	docker compose -f tracking_server/compose.yaml up -d --build --wait
+
+stack-down: ## stop the team server (its data stays in named volumes)
+	docker compose -f tracking_server/compose.yaml down
+
+test-server: $(VENV)/.installed ## only the tracking-server and lifecycle tests (real PostgreSQL, S3, MLflow)
+	$(BIN)/python -m pytest tests/test_tracking_server.py tests/test_lifecycle.py $(ARGS)
 # ---- end tracking server ----
