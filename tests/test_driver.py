@@ -1,0 +1,558 @@
+"""The Docker driver's decisions, without Docker: GPU args, tracking URI, user and
+storage mounts, the sweep grid and scheduler, the bash wrapper (run against fake
+`docker` and `mlflow` commands), the Makefile's image tag, and the Kubernetes job
+that MLflow's own code renders from kubernetes/."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import project_driver as driver
+from project_driver import DriverError, GpuInfo
+
+PROJECT_DIR = Path(driver.__file__).resolve().parent
+NO_GPU = GpuInfo(runtime=False, count=0)
+ONE_GPU = GpuInfo(runtime=True, count=1)
+
+
+# ---------------------------------------------------------------------------
+# helpers: a throwaway HTTP server, a free port, fake commands on PATH
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server():
+    """A loopback HTTP server that answers every GET with 200 OK; yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_command(bin_dir: Path, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(script))
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_bin(tmp_path, monkeypatch):
+    """A folder first on PATH for fake commands; `python` in it runs this interpreter."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_command(bin_dir, "python", f'exec "{sys.executable}" "$@"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+def fake_docker(bin_dir: Path, runtimes: dict) -> None:
+    """`docker info --format '{{json .Runtimes}}'` prints these runtimes."""
+    fake_command(bin_dir, "docker", f"echo '{json.dumps(runtimes)}'\n")
+
+
+# ---------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------
+
+
+def test_gpu_runtime_present_passes_gpus_all():
+    args, line = driver.gpu_docker_args("auto", GpuInfo(runtime=True, count=2))
+    assert args == {"gpus": "all"}
+    assert "--gpus all" in line and "2 GPU(s)" in line
+
+
+def test_no_gpu_runtime_runs_on_cpu_and_says_so_in_one_line():
+    args, line = driver.gpu_docker_args("auto", NO_GPU)
+    assert args == {}
+    assert "CPU" in line and "\n" not in line
+
+
+def test_gpus_without_container_runtime_point_to_the_check_doc():
+    args, line = driver.gpu_docker_args("auto", GpuInfo(runtime=False, count=1))
+    assert args == {}
+    assert "doc/check_gpu_docker.md" in line and "CPU" in line
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("none", {}), ("all", {"gpus": "all"}), ("device=1", {"gpus": "device=1"})],
+)
+def test_gpus_setting_overrides_detection(setting, expected):
+    assert driver.gpu_docker_args(setting, ONE_GPU if setting == "none" else NO_GPU)[0] == expected
+
+
+def test_detect_gpus_reads_docker_runtimes_and_nvidia_smi(fake_bin):
+    fake_docker(fake_bin, {"runc": {"path": "runc"}})
+    assert driver.detect_gpus() == GpuInfo(runtime=False, count=0)
+
+    fake_docker(fake_bin, {"nvidia": {"path": "nvidia-container-runtime"}, "runc": {}})
+    fake_command(
+        fake_bin,
+        "nvidia-smi",
+        "echo 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n",
+    )
+    assert driver.detect_gpus() == GpuInfo(runtime=True, count=2)
+
+
+def test_sweep_gives_each_concurrent_run_its_own_gpu():
+    four = GpuInfo(runtime=True, count=4)
+    assert [driver.run_gpu_args(slot, four, "auto") for slot in range(4)] == [
+        {"gpus": f"device={n}"} for n in range(4)
+    ]
+    assert driver.run_gpu_args(0, ONE_GPU, "auto") == {"gpus": "all"}
+    assert driver.run_gpu_args(1, NO_GPU, "auto") == {}
+    assert driver.run_gpu_args(3, four, "none") == {}
+
+
+# ---------------------------------------------------------------------------
+# Tracking server: loopback handling and failing fast
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://localhost:5000",
+        "http://127.0.0.1:5000",
+        "http://127.0.1.1:8080/",
+        "http://[::1]:5000",
+    ],
+)
+def test_loopback_server_uses_host_network_and_keeps_the_uri(uri):
+    new_uri, args, line = driver.container_tracking(uri, "auto", "172.17.0.1")
+    assert new_uri == uri
+    assert args == {"network": "host"}
+    assert "--network host" in line
+
+
+def test_bridge_mode_rewrites_loopback_to_the_gateway_keeping_port_and_path():
+    new_uri, args, line = driver.container_tracking(
+        "https://localhost:5443/mlflow", "bridge", "172.17.0.1"
+    )
+    assert new_uri == "https://172.17.0.1:5443/mlflow"
+    assert args == {}
+    assert "rewritten" in line and "172.17.0.1" in line
+
+
+@pytest.mark.parametrize("uri", ["http://mlflow.example.org:5000", "https://10.1.2.3"])
+def test_remote_server_is_left_alone(uri):
+    assert driver.container_tracking(uri, "auto", "172.17.0.1")[:2] == (uri, {})
+
+
+def test_non_server_uri_is_left_to_mlflow():
+    uri = "sqlite:////tmp/mlflow.db"
+    new_uri, args, line = driver.container_tracking(uri, "auto", "172.17.0.1")
+    assert (new_uri, args) == (uri, {})
+    assert "not a server" in line
+
+
+def test_unknown_network_mode_is_an_error():
+    with pytest.raises(DriverError, match="auto, host or bridge"):
+        driver.container_tracking("http://localhost:5000", "overlay", "172.17.0.1")
+
+
+def test_unreachable_server_fails_in_seconds_with_the_fix():
+    started = time.monotonic()
+    with pytest.raises(DriverError) as error:
+        driver.check_server(f"http://127.0.0.1:{free_port()}", timeout=3)
+    assert time.monotonic() - started < 5
+    assert "unreachable" in str(error.value) and "make server" in str(error.value)
+
+
+def test_reachable_server_passes(http_server):
+    driver.check_server(http_server)
+
+
+# ---------------------------------------------------------------------------
+# The whole plan: user, storage, no secrets, the user's own -A wins
+# ---------------------------------------------------------------------------
+
+
+def plan_for(environ, uid=1234, gid=5678, given=()):
+    return driver.make_plan(environ, NO_GPU, "172.17.0.1", uid, gid, given)
+
+
+def test_plan_without_tracking_uri_says_how_to_start_a_server():
+    with pytest.raises(DriverError, match="MLFLOW_TRACKING_URI is not set.*make server"):
+        plan_for({})
+
+
+def test_plan_runs_as_the_caller_and_mounts_storage_at_the_same_path(tmp_path):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    plan = plan_for({"MLFLOW_TRACKING_URI": "http://localhost:5000", "STORAGE_DIR": str(storage)})
+    assert plan.docker_args == {
+        "network": "host",
+        "user": "1234:5678",
+        "volume": f"{storage}:{storage}",
+    }
+    assert len(plan.messages) == 4  # GPU, tracking, user, storage: one line each
+
+
+def test_root_caller_runs_the_container_as_the_image_user():
+    plan = plan_for({"MLFLOW_TRACKING_URI": "http://localhost:5000"}, uid=0, gid=0)
+    assert plan.docker_args["user"] == f"{driver.IMAGE_UID}:{driver.IMAGE_UID}"
+
+
+def test_missing_storage_dir_mounts_nothing(tmp_path):
+    environ = {"MLFLOW_TRACKING_URI": "http://h:5000", "STORAGE_DIR": str(tmp_path / "absent")}
+    plan = plan_for(environ)
+    assert "volume" not in plan.docker_args
+    assert any("does not exist" in line for line in plan.messages)
+
+
+def test_plan_mounts_no_home_folder_or_secret(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".pgpass").write_text("db:5432:*:me:secret\n")
+    monkeypatch.setenv("HOME", str(home))
+    plan = plan_for({"MLFLOW_TRACKING_URI": "http://localhost:5000", "STORAGE_DIR": ""})
+    mounted = " ".join(str(value) for value in plan.docker_args.values())
+    assert (
+        str(home) not in mounted and ".pgpass" not in mounted and "volume" not in plan.docker_args
+    )
+
+
+def test_a_docker_arg_the_user_gives_replaces_the_drivers():
+    given = driver.user_docker_arg_names(
+        ["-P", "epochs=2", "-A", "u=0:0", "--docker-args=gpus=all"]
+    )
+    assert given == ["u", "gpus"]
+    plan = driver.make_plan(
+        {"MLFLOW_TRACKING_URI": "http://localhost:5000", "GPUS": "all"}, ONE_GPU, "", 7, 7, given
+    )
+    assert "user" not in plan.docker_args and "gpus" not in plan.docker_args
+    assert plan.docker_args["network"] == "host"
+
+
+def test_shell_plan_quotes_values_for_bash():
+    plan = driver.Plan("http://h:5000/a b", {"gpus": "device=0,1", "rm": True})
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            driver.shell_plan(plan) + 'printf "%s|" "$MLFLOW_TRACKING_URI" "${docker_args[@]}"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == "http://h:5000/a b|-A|gpus=device=0,1|-A|rm|"
+
+
+# ---------------------------------------------------------------------------
+# project_driver.bash against fake docker and mlflow (no container is started)
+# ---------------------------------------------------------------------------
+
+
+def run_bash_driver(fake_bin, tmp_path, uri, *args, runtimes=None):
+    fake_docker(fake_bin, runtimes or {"runc": {}})
+    argv_file = tmp_path / "mlflow-argv.txt"
+    fake_command(
+        fake_bin,
+        "mlflow",
+        f'printf "%s\\n" "$MLFLOW_TRACKING_URI" "$@" > "{argv_file}"\n',
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHON": str(fake_bin / "python")}
+    env.pop("GPUS", None)
+    env["STORAGE_DIR"] = str(tmp_path)
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(PROJECT_DIR / "project_driver.bash"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    argv = argv_file.read_text().splitlines() if argv_file.exists() else None
+    return done, argv, elapsed
+
+
+def test_bash_driver_runs_mlflow_run_with_the_plan_and_passes_args_through(
+    fake_bin, tmp_path, http_server
+):
+    done, argv, _ = run_bash_driver(
+        fake_bin, tmp_path, http_server, "-P", "epochs=3", "--experiment-name", "trials"
+    )
+    assert done.returncode == 0, done.stderr
+    uid = (
+        f"{os.getuid()}:{os.getgid()}" if os.getuid() else f"{driver.IMAGE_UID}:{driver.IMAGE_UID}"
+    )
+    assert argv == [
+        http_server,
+        "run",
+        ".",
+        "-A",
+        "network=host",
+        "-A",
+        f"user={uid}",
+        "-A",
+        f"volume={tmp_path}:{tmp_path}",
+        "-P",
+        "epochs=3",
+        "--experiment-name",
+        "trials",
+    ]
+    assert "training runs on the CPU" in done.stderr
+
+
+def test_bash_driver_passes_gpus_all_when_docker_has_the_nvidia_runtime(
+    fake_bin, tmp_path, http_server
+):
+    runtimes = {"nvidia": {"path": "nvidia-container-runtime"}, "runc": {}}
+    done, argv, _ = run_bash_driver(fake_bin, tmp_path, http_server, runtimes=runtimes)
+    assert done.returncode == 0, done.stderr
+    assert argv[3:5] == ["-A", "gpus=all"]
+
+
+def test_bash_driver_stops_before_mlflow_when_the_server_is_down(fake_bin, tmp_path):
+    done, argv, elapsed = run_bash_driver(fake_bin, tmp_path, f"http://localhost:{free_port()}")
+    assert done.returncode == 2
+    assert argv is None  # mlflow run (and so the container) never started
+    assert elapsed < 20
+    assert "unreachable" in done.stderr and "No container was started" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Sweeps: grid from -P or YAML, parameter names, the scheduler, the table
+# ---------------------------------------------------------------------------
+
+
+def test_grid_from_command_line_expands_to_every_combination():
+    grid = driver.parse_param_values(["epochs=1,2", "learning_rate=0.001, 0.01", "seed=7"])
+    assert grid == {"epochs": ["1", "2"], "learning_rate": ["0.001", "0.01"], "seed": ["7"]}
+    points = driver.expand_grid(grid)
+    assert points == [
+        {"epochs": "1", "learning_rate": "0.001", "seed": "7"},
+        {"epochs": "1", "learning_rate": "0.01", "seed": "7"},
+        {"epochs": "2", "learning_rate": "0.001", "seed": "7"},
+        {"epochs": "2", "learning_rate": "0.01", "seed": "7"},
+    ]
+
+
+@pytest.mark.parametrize("item", ["epochs", "=1,2", "epochs=1,,2", "epochs="])
+def test_bad_grid_items_are_rejected(item):
+    with pytest.raises(DriverError, match="-P"):
+        driver.parse_param_values([item])
+
+
+def test_grid_from_yaml_file(tmp_path):
+    grid_file = tmp_path / "sweep.yaml"
+    grid_file.write_text(
+        "parameters:\n  data_source: demo\n  epochs: [1, 2]\n  xla: [true, false]\n"
+        "  learning_rate: [0.001]\n"
+    )
+    grid = driver.load_grid_file(grid_file)
+    assert grid == {
+        "data_source": ["demo"],
+        "epochs": ["1", "2"],
+        "xla": ["true", "false"],
+        "learning_rate": ["0.001"],
+    }
+    assert len(driver.expand_grid(grid)) == 4
+
+
+def test_sweep_parameters_must_exist_in_mlproject():
+    spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())
+    known = list(spec["entry_points"]["main"]["parameters"])
+    driver.check_param_names([{"epochs": "1", "learning_rate": "0.1"}], known)
+    with pytest.raises(DriverError, match="unknown parameter.*epoch\\b"):
+        driver.check_param_names([{"epoch": "1"}], known)
+
+
+class FakeSubmittedRun:
+    """Stands in for mlflow's LocalSubmittedRun: RUNNING for a few polls, then final."""
+
+    def __init__(self, run_id, final, polls):
+        self.run_id, self.final, self.polls = run_id, final, polls
+
+    def get_status(self):
+        self.polls -= 1
+        return "RUNNING" if self.polls > 0 else self.final
+
+
+def test_sweep_scheduler_runs_in_parallel_one_gpu_each_and_reports_failures(tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.projects
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    launched, running_gpus, peak = [], set(), [0]
+
+    def fake_run(uri, entry_point, parameters, docker_args, experiment_name, synchronous):
+        assert synchronous is False and entry_point == "main" and uri == str(PROJECT_DIR)
+        gpu = docker_args["gpus"]
+        assert gpu not in running_gpus, "two runs on one GPU at once"
+        running_gpus.add(gpu)
+        peak[0] = max(peak[0], len(running_gpus))
+        launched.append((dict(parameters), dict(docker_args)))
+        with mlflow.start_run() as run:  # a real run with a final metric, as train.py logs
+            mlflow.log_metric("val_accuracy", 0.5 + float(parameters["learning_rate"]))
+        final = "FAILED" if parameters["epochs"] == "2" else "FINISHED"
+        submitted = FakeSubmittedRun(run.info.run_id, final, polls=len(launched) % 3 + 1)
+        original = submitted.get_status
+
+        def get_status():
+            status = original()
+            if status != "RUNNING":
+                running_gpus.discard(gpu)
+            return status
+
+        submitted.get_status = get_status
+        return submitted
+
+    monkeypatch.setattr(mlflow.projects, "run", fake_run)
+    points = driver.expand_grid({"epochs": ["1", "2"], "learning_rate": ["0.1", "0.2", "0.3"]})
+    rows = driver.run_sweep(
+        points,
+        {"network": "host", "gpus": "all"},
+        GpuInfo(runtime=True, count=2),
+        "auto",
+        parallel=2,
+        experiment_name=None,
+        poll_seconds=0.01,
+    )
+    assert len(launched) == 6 and peak[0] == 2
+    assert {args["gpus"] for _, args in launched} == {"device=0", "device=1"}
+    assert all(args["network"] == "host" for _, args in launched)
+    assert [row["status"] for row in rows] == ["FINISHED"] * 3 + ["FAILED"] * 3
+    assert [row["learning_rate"] for row in rows] == ["0.1", "0.2", "0.3"] * 2
+    assert rows[1]["val_accuracy"] == pytest.approx(0.7)
+    table = driver.format_table(rows)
+    assert table.splitlines()[0].split() == [
+        "epochs",
+        "learning_rate",
+        "run_id",
+        "status",
+        "val_accuracy",
+    ]
+    assert len(table.splitlines()) == 2 + 6 and "FAILED" in table
+
+
+def test_sweep_without_values_and_with_unknown_names_exits_2_before_launching(capsys):
+    assert driver.main(["sweep"]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err
+    assert driver.main(["sweep", "-P", "epoch=1,2"]) == 2
+    assert "unknown parameter(s) epoch" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# One image tag: MLproject, the Makefile and the driver agree
+# ---------------------------------------------------------------------------
+
+
+def test_makefile_builds_the_tag_written_in_mlproject():
+    tag = driver.read_image_tag()
+    assert tag and ":" in tag
+    dry_run = subprocess.run(
+        ["make", "-s", "-n", "build"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    ).stdout
+    assert f"-t {tag} ." in dry_run
+    with_base = subprocess.run(
+        ["make", "-s", "-n", "build", "BASE_IMAGE=debian:bookworm"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--build-arg BASE_IMAGE=debian:bookworm" in with_base
+
+
+def test_make_help_lists_the_docker_targets():
+    listing = subprocess.run(
+        ["make", "-s", "help"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    ).stdout
+    listed = {re.sub(r"\x1b\[[0-9;]*m", "", line).split()[0] for line in listing.splitlines()}
+    assert {"build", "run", "sweep", "kube-run", "test-docker"} <= listed
+
+
+def test_dockerfile_base_is_pinned_and_overridable():
+    dockerfile = (PROJECT_DIR / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu\nFROM ${BASE_IMAGE}" in dockerfile
+    requirements = (PROJECT_DIR / "requirements.txt").read_text()
+    assert "tensorflow==2.21.0" in requirements  # the base's TensorFlow, so pip keeps it
+    # The project code is the last thing copied, so editing it rebuilds one layer.
+    copies = [line for line in dockerfile.splitlines() if line.startswith("COPY")]
+    assert copies[-1].endswith(" . .")
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes: the job MLflow's own code renders from kubernetes/
+# ---------------------------------------------------------------------------
+
+
+def test_kubernetes_job_asks_for_a_gpu_and_carries_image_command_and_tracking(monkeypatch):
+    pytest.importorskip("kubernetes", reason="pip install kubernetes (tests/requirements.txt)")
+    from mlflow.projects import _parse_kubernetes_config
+    from mlflow.projects import kubernetes as kb
+    from mlflow.projects.utils import get_entry_point_command, get_run_env_vars, load_project
+
+    monkeypatch.chdir(PROJECT_DIR)  # the config names the template relative to the project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    monkeypatch.setenv("KUBE_MLFLOW_TRACKING_URI", "http://mlflow.mlflow.svc:5000")
+    config = json.loads((PROJECT_DIR / "kubernetes" / "kubernetes_config.json").read_text())
+    kube_config = _parse_kubernetes_config(config)
+    project = load_project(str(PROJECT_DIR))
+    command = get_entry_point_command(project, "main", {"epochs": "3"}, None)
+    env_vars = get_run_env_vars(run_id="abc123", experiment_id="7")
+
+    job = kb._get_kubernetes_job_definition(
+        project.name,
+        config["repository-uri"] + ":1a2b3c4",
+        "sha256:" + "0" * 64,
+        kb._get_run_command(command),
+        env_vars,
+        kube_config["kube-job-template"],
+    )
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == config["repository-uri"] + ":1a2b3c4@sha256:" + "0" * 64
+    assert container["command"][:2] == ["python", "train.py"]
+    assert container["command"][container["command"].index("--epochs") + 1] == "3"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
+    assert env["MLFLOW_RUN_ID"] == "abc123" and env["MLFLOW_EXPERIMENT_ID"] == "7"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["metadata"]["namespace"]
+
+
+def test_project_name_is_a_valid_kubernetes_name():
+    """MLflow names the Job and its container after MLproject's `name`; Kubernetes
+    accepts only lowercase letters, digits and '-' there (an '_' fails at submit time)."""
+    from mlflow.projects.utils import load_project
+
+    name = load_project(str(PROJECT_DIR)).name
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), (
+        f"MLproject name {name!r} is not a valid Kubernetes name: use '-' instead of '_'"
+    )
