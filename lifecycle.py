@@ -592,7 +592,10 @@ def serve(model: str, port: int, host: str = "127.0.0.1", model_name: str = DEFA
     )
     print(f"  health: curl http://{host}:{port}/ping ; stop with Ctrl-C")
     sys.stdout.flush()
-    os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    # mlflow starts uvicorn by name: the venv's bin must be on PATH even when not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+    os.execvpe(command[0], command, env)
 
 
 def request_body(images: np.ndarray) -> bytes:
@@ -647,8 +650,8 @@ def export_tf_serving(model, directory: str | Path, version: int = 1) -> Path:
 
 def _process_gone(tags: dict[str, str]) -> bool:
     """True when the run's tags name a process on this machine that no longer exists."""
-    host, pid = tags.get("process.host"), tags.get("process.pid")
-    if host != socket.gethostname() or not (pid or "").isdigit():
+    host, pid = tags.get("process.host"), (tags.get("process.pid") or "").strip()
+    if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -784,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="write a TF Serving SavedModel",
                             formatter_class=defaults)  # fmt: skip
     _add_model_flags(p, f"models:/{DEFAULT_MODEL_NAME}@champion")
-    p.add_argument("--output", default=f"serving/{DEFAULT_MODEL_NAME}",
+    p.add_argument("--output", default=f"outputs/serving/{DEFAULT_MODEL_NAME}",
                    help="TF Serving model base path; the version folder goes inside")  # fmt: skip
     p.add_argument("--version", type=int, default=1, help="version folder number")
 

@@ -1,0 +1,292 @@
+"""lifecycle.py: validate, predict, serve, export and reap-runs on real models and stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+import lifecycle
+import train
+from tests.conftest import tiny_config
+from tests.servers import free_port, http_ok, stop_process_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- fast: pure functions
+
+
+def test_binary_metrics_match_hand_counts():
+    labels = np.array([0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.8, 0.4, 0.9])  # predicted: 0 1 1 0 1
+    metrics = lifecycle.classification_metrics(labels, lifecycle.probabilities(p1[:, None]))
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["precision"] == pytest.approx(2 / 3)  # of 3 predicted positives, 2 right
+    assert metrics["recall"] == pytest.approx(2 / 3)  # of 3 true positives, 2 found
+    assert metrics["auc"] == pytest.approx(5 / 6)  # 5 of 6 (pos, neg) pairs ordered right
+    expected_loss = -np.mean(np.log([0.9, 0.4, 0.8, 0.4, 0.9]))
+    assert metrics["loss"] == pytest.approx(expected_loss)
+
+
+def test_multiclass_metrics_are_macro_averages():
+    labels = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2]])
+    metrics = lifecycle.classification_metrics(labels, probs)
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["precision"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert metrics["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_loss_is_better_when_lower_and_ties_keep_the_champion():
+    assert lifecycle.is_better(0.2, 0.3, "loss")
+    assert not lifecycle.is_better(0.3, 0.2, "loss")
+    assert lifecycle.is_better(0.9, 0.8, "auc")
+    assert not lifecycle.is_better(0.8, 0.8, "auc")
+    assert not lifecycle.is_better(0.81, 0.8, "auc", min_delta=0.05)
+
+
+def test_collect_paths_from_folders_files_and_tables(demo_dir, tmp_path):
+    images = sorted(str(p) for p in demo_dir.rglob("*.png"))
+    assert lifecycle.collect_paths([str(demo_dir)]) == images
+    assert lifecycle.collect_paths(images[:2]) == images[:2]
+
+    table = demo_dir / "batch.csv"  # relative paths, read from the table's folder
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "other"])
+        for path in images[:3]:
+            writer.writerow([Path(path).relative_to(demo_dir), "x"])
+    assert lifecycle.collect_paths([str(table)], path_column="file") == images[:3]
+    records = tmp_path / "batch.json"
+    records.write_text(json.dumps([{"path": p} for p in images[:2]]))
+    assert lifecycle.collect_paths([str(records)]) == images[:2]
+
+    with pytest.raises(train.UserError, match="no 'path' column.*--path-column"):
+        lifecycle.collect_paths([str(table)])
+    with pytest.raises(train.UserError, match="does not exist"):
+        lifecycle.collect_paths([str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(train.UserError, match="holds no images"):
+        lifecycle.collect_paths([str(tmp_path / "empty")])
+
+
+def test_tf_serving_export_answers_like_the_keras_model(tmp_path):
+    import tensorflow as tf
+
+    cfg = tiny_config()
+    model = train.define_network((32, 32, 3), 2, cfg)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    target = lifecycle.export_tf_serving(model, tmp_path / "serving" / "cells")
+    assert target == tmp_path / "serving" / "cells" / "1"
+    assert (target / "saved_model.pb").exists()
+    serving = tf.saved_model.load(str(target)).signatures["serving_default"]
+    (output,) = serving(tf.constant(images)).values()
+    np.testing.assert_allclose(output.numpy(), model.predict(images, verbose=0), atol=1e-5)
+    with pytest.raises(train.UserError, match="immutable"):
+        lifecycle.export_tf_serving(model, tmp_path / "serving" / "cells")
+
+
+def test_unknown_model_says_what_exists(tracking_store):
+    with pytest.raises(train.UserError, match="no registered model 'nothing-here'"):
+        lifecycle.resolve_model("models:/nothing-here@champion")
+    with pytest.raises(train.UserError, match="names no version"):
+        lifecycle.resolve_model("models:/nothing-here")
+
+
+def test_reap_runs_marks_only_runs_whose_process_is_gone(tracking_store):
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("reap")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = socket.gethostname()
+    gone = client.create_run(
+        experiment, tags={"process.host": host, "process.pid": dead.stdout.strip()}
+    )
+    alive = client.create_run(
+        experiment, tags={"process.host": host, "process.pid": str(os.getpid())}
+    )
+    quiet = client.create_run(experiment)  # no process tags: judged by inactivity only
+
+    assert lifecycle.reap_runs(["reap"], stale_minutes=60, dry_run=True) == [gone.info.run_id]
+    assert client.get_run(gone.info.run_id).info.status == "RUNNING"
+    assert lifecycle.reap_runs(["reap"], stale_minutes=60) == [gone.info.run_id]
+    assert client.get_run(gone.info.run_id).info.status == "FAILED"
+    assert "has exited" in client.get_run(gone.info.run_id).data.tags["failure_reason"]
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert client.get_run(quiet.info.run_id).info.status == "RUNNING"
+    assert set(lifecycle.reap_runs(["reap"], stale_minutes=0)) == {
+        alive.info.run_id, quiet.info.run_id,
+    }  # fmt: skip
+
+
+def test_cli_errors_are_one_line_and_exit_2(tracking_store, capsys):
+    assert lifecycle.main(["predict", "--model", "models:/none@champion", "--input", "x"]) == 2
+    assert "error: registered model 'none' has no alias 'champion'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lifecycle.main(["validate", "--metric", "speed"])
+
+
+# ---------------------------------------------------------------- slow: trained models
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Two registered versions of a tiny model in a fresh local store, and its data."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    data_dir = root / "demo"
+    versions = []
+    for epochs in (1, 2):
+        cfg = tiny_config(data_dir=str(data_dir), epochs=epochs, registered_model_name="cells")
+        versions.append(train.run_training(cfg).model_version)
+    yield {"uri": uri, "data_dir": data_dir, "versions": versions, "root": root}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _data_cfg(registry) -> train.Config:
+    return tiny_config(data_dir=str(registry["data_dir"]))
+
+
+@pytest.mark.slow
+def test_validate_promotes_then_compares_with_the_champion(registry, capsys):
+    client = mlflow.MlflowClient(registry["uri"])
+    first, second = registry["versions"]
+
+    result = lifecycle.validate("models:/cells/" + first, _data_cfg(registry), metric="accuracy")
+    assert result.promoted and "no 'champion' yet" in result.reason
+    assert str(client.get_model_version_by_alias("cells", "champion").version) == first
+    run = client.get_run(result.run_id)
+    assert {"accuracy", "auc", "loss", "precision", "recall", "f1"} <= set(run.data.metrics)
+    plots = {f.path for f in client.list_artifacts(result.run_id, "plots")}
+    assert plots == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
+    assert client.get_model_version("cells", first).tags["validation_run_id"] == result.run_id
+    # The validation split is the one training held out: same images, same score.
+    training_run = client.get_run(client.get_model_version("cells", first).run_id)
+    assert run.data.metrics["accuracy"] == pytest.approx(
+        training_run.data.metrics["val_accuracy"], abs=1e-6
+    )
+
+    # A candidate that must win by more than any score can differ: kept, alias unchanged.
+    kept = lifecycle.validate(second, _data_cfg(registry), metric="auc", min_delta=2.0,
+                              model_name="cells")  # fmt: skip
+    assert not kept.promoted and "does not beat" in kept.reason
+    assert str(client.get_model_version_by_alias("cells", "champion").version) == first
+    assert "champion_auc" in client.get_run(kept.run_id).data.metrics
+
+    # A candidate that wins: the alias moves; the decision follows the two scores.
+    won = lifecycle.validate(second, _data_cfg(registry), metric="auc", min_delta=-2.0,
+                             model_name="cells")  # fmt: skip
+    assert won.promoted and "beats" in won.reason
+    assert str(client.get_model_version_by_alias("cells", "champion").version) == second
+
+    assert lifecycle.main(["validate", "--model-name", "cells", "--model", "champion",
+                           "--data-source", "demo", "--data-dir", str(registry["data_dir"]),
+                           "--demo-samples", "48"]) == 0  # fmt: skip
+    assert "KEPT: cells version 2 already is the 'champion'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_validate_refuses_data_with_other_classes(registry, tmp_path):
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    cfg = tiny_config(data_source="imagedir", data_dir=str(tmp_path))
+    with pytest.raises(train.UserError, match="differ from the classes"):
+        lifecycle.validate("models:/cells/1", cfg)
+
+
+@pytest.mark.slow
+def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
+    # Made at the model's 32 px, so resizing must leave the pixels as they are.
+    train.make_demo_data(tmp_path / "new", samples=6, image_size=32, seed=7)
+    images = sorted((tmp_path / "new").rglob("*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    output = tmp_path / "out" / "predictions.csv"
+    lifecycle.predict("models:/cells/1", [str(p) for p in images] + [str(broken)], output)
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(p.resolve()) for p in images]
+    # Same answers as the logged Keras model on the raw pixels.
+    model = mlflow.tensorflow.load_model("models:/cells/1")
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), "float32") for p in images])
+    p1 = model.predict(pixels, verbose=0)[:, 0]
+    expected = np.where(p1 >= 0.5, "uninfected", "parasitized")
+    assert [r["predicted_class"] for r in rows] == list(expected)
+    np.testing.assert_allclose(
+        [float(r["probability"]) for r in rows], np.maximum(p1, 1 - p1), atol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_make_serve_answers_like_the_model_in_process(registry, tmp_path):
+    """`lifecycle.py serve` (what `make serve` runs) over REST vs. the model in process."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "lifecycle.py"), "serve", "--model", "models:/cells/2",
+             "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not http_ok(f"{url}/ping"):
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        paths = sorted(str(p) for p in registry["data_dir"].rglob("*.png"))[:5]
+        spec = lifecycle.model_spec("models:/cells/2")
+        assert (spec.image_size, spec.channels) == (32, 3)
+        assert spec.class_names == ["parasitized", "uninfected"]
+        images = lifecycle.read_images(paths, spec)
+        served = lifecycle.request_predictions(url, images)
+        in_process = mlflow.tensorflow.load_model("models:/cells/2").predict(images, verbose=0)
+        assert served.shape == (5, 1)
+        np.testing.assert_allclose(served, in_process, atol=1e-5)
+
+        answer = subprocess.run(
+            [sys.executable, str(ROOT / "lifecycle.py"), "request", "--model", "models:/cells/2",
+             "--url", url, *paths[:2]],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert answer.returncode == 0, answer.stderr[-2000:]
+        for path, row in zip(paths[:2], lifecycle.probabilities(in_process[:2]), strict=True):
+            assert f"{path}: {spec.class_names[row.argmax()]} ({row.max():.4f})" in answer.stdout
+    finally:
+        stop_process_group(process)
+
+
+@pytest.mark.slow
+def test_export_subcommand_writes_a_loadable_savedmodel(registry, tmp_path):
+    import tensorflow as tf
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        assert lifecycle.main(["export", "--model", "models:/cells/1",
+                               "--output", str(tmp_path / "cells")]) == 0  # fmt: skip
+    loaded = tf.saved_model.load(str(tmp_path / "cells" / "1"))
+    assert "serving_default" in loaded.signatures
