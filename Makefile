@@ -110,7 +110,7 @@ predict: $(VENV)/.installed ## batch predictions to CSV: ARGS="--input DIR_OR_FI
 serve: $(VENV)/.installed ## serve MODEL over REST on 127.0.0.1:5001 (mlflow models serve)
 	$(BIN)/python lifecycle.py serve --model "$(MODEL)" --port $(SERVE_PORT) $(ARGS)
 
-tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="--output serving/NAME"
+tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="--output DIR --version N"
 	$(BIN)/python lifecycle.py export --model "$(MODEL)" $(ARGS)
 
 reap-runs: $(VENV)/.installed ## mark runs whose process died as FAILED (ARGS="--stale-minutes 60")
