@@ -293,3 +293,54 @@ def test_run_of_a_killed_process_is_marked_failed(tmp_path, client_env):
     finally:
         stop_process_group(process)
         server.stop()
+
+
+# ---------------------------------------------------------------- make server / server-stop
+
+
+@pytest.mark.slow
+def test_make_server_starts_once_and_stops_only_its_own_process(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_SERVER_STATE_DIR": str(tmp_path / "state"),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow"),
+    }
+    script = str(ROOT / "tracking_server" / "local_server.sh")
+
+    def run(action: str) -> str:
+        done = subprocess.run(["bash", script, action], env=env, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    pid_file = tmp_path / "state" / "mlflow-server.pid"
+    decoy = subprocess.Popen(["sleep", "300"])
+    try:
+        assert f"MLflow server running: http://127.0.0.1:{port}" in run("start")
+        assert http_ok(f"http://127.0.0.1:{port}/health")
+        pid = int(pid_file.read_text())
+        assert "already running" in run("start")
+        assert int(pid_file.read_text()) == pid
+
+        # Artifacts go through the server into its own folder (proxied).
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        run_id = client.create_run(client.create_experiment("local")).info.run_id
+        mlflow.MlflowClient(f"http://127.0.0.1:{port}").log_text(run_id, "hi", "a.txt")
+        assert list((tmp_path / "artifacts").rglob("a.txt"))
+
+        assert f"(PID {pid}) stopped" in run("stop")
+        assert not http_ok(f"http://127.0.0.1:{port}/health")
+        assert not pid_file.exists()
+
+        # A PID file that names some other process (a recycled PID) is not obeyed.
+        pid_file.write_text(str(decoy.pid))
+        assert "no MLflow server" in run("stop")
+        assert decoy.poll() is None, "server-stop killed a process that is not its server"
+    finally:
+        decoy.kill()
+        if pid_file.exists():
+            run("stop")
