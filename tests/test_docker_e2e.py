@@ -1,0 +1,236 @@
+"""The Docker path end to end: build the training image, start a real MLflow server on
+loopback, `make run` one epoch on tiny demo data in the container, and check on the
+server what a user would: the run FINISHED, per-epoch metrics, artifacts, a registered
+model version, the image it ran in. Then a two-run sweep through project_driver.py.
+
+Where Docker Hub cannot be reached, the image is built on a small Debian base made by
+tests/docker_base.sh (debootstrap + docker import), cached by tag. Docker is started
+when it is installed but not running (as root); the tests skip only where Docker cannot
+run at all. Run them with `make test-docker` (or pytest -m docker).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import project_driver
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+
+PROJECT_DIR = Path(project_driver.__file__).resolve().parent
+DEFAULT_BASE = "tensorflow/tensorflow:2.21.0-gpu"
+LOCAL_BASE = "py-tf2-base:bookworm-py311"
+TINY_RUN = [
+    "-P", "data_source=demo", "-P", "demo_samples=60", "-P", "image_size=32",
+    "-P", "convolutions=1", "-P", "batch_size=16", "-P", "epochs=1",
+]  # fmt: skip
+
+
+def say(config: pytest.Config, line: str) -> None:
+    """Timings go to pytest's terminal output even when it captures the tests' output."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[docker e2e] {line}")
+
+
+def docker_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def docker_engine(tmp_path_factory, pytestconfig):
+    """A running Docker engine: the one there is, or a dockerd this module starts and stops."""
+    if shutil.which("docker") is None:
+        pytest.skip("Docker is not installed (Debian: apt-get install docker.io)")
+    if docker_answers():
+        yield
+        return
+    if shutil.which("dockerd") is None or os.geteuid() != 0:
+        pytest.skip("Docker is installed but not running, and this user cannot start dockerd")
+    log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            ["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 60
+    while not docker_answers():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.terminate()
+            pytest.skip(f"dockerd did not start here: {log.read_text()[-600:]}")
+        time.sleep(1)
+    say(pytestconfig, f"started dockerd (pid {daemon.pid})")
+    yield
+    daemon.terminate()  # exactly the daemon started above
+    daemon.wait(timeout=60)
+
+
+def base_image(config: pytest.Config) -> str:
+    """The Dockerfile's base when it is here or can be pulled, else the local Debian base."""
+    inspect = ["docker", "image", "inspect", DEFAULT_BASE]
+    if subprocess.run(inspect, capture_output=True).returncode == 0:
+        return DEFAULT_BASE
+    try:
+        pulled = subprocess.run(["docker", "pull", DEFAULT_BASE], capture_output=True, timeout=900)
+        if pulled.returncode == 0:
+            return DEFAULT_BASE
+    except subprocess.TimeoutExpired:
+        pass
+    started = time.monotonic()
+    made = subprocess.run(
+        ["bash", str(PROJECT_DIR / "tests" / "docker_base.sh"), LOCAL_BASE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    say(config, f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
+        f"{time.monotonic() - started:.0f} s ({made.stdout.strip().splitlines()[-1]})")  # fmt: skip
+    return LOCAL_BASE
+
+
+@pytest.fixture(scope="module")
+def training_image(docker_engine, pytestconfig) -> dict[str, str]:
+    """`make build` on a reachable base; Docker's layer cache makes a rebuild take seconds."""
+    base = base_image(pytestconfig)
+    build_args = [] if base == DEFAULT_BASE else [f"BASE_IMAGE={base}"]
+    started = time.monotonic()
+    built = subprocess.run(
+        ["make", "-s", "build", *build_args],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    say(pytestconfig, f"make build {' '.join(build_args)}: {time.monotonic() - started:.0f} s")
+    tag = project_driver.read_image_tag()
+    image_id = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", tag],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return {"tag": tag, "id": image_id, "make_args": " ".join(build_args)}
+
+
+@pytest.fixture
+def storage(tmp_path) -> Path:
+    """A data folder owned by the user the container runs as (as a user's /storage is)."""
+    folder = tmp_path / "storage"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        os.chown(folder, project_driver.IMAGE_UID, project_driver.IMAGE_UID)
+    return folder
+
+
+def driver_env(mlflow_server: str, storage: Path) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE_DIR": str(storage)}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("GPUS", None)
+    return env
+
+
+def test_image_holds_the_code_and_nothing_it_should_not(training_image):
+    listing = subprocess.run(
+        ["docker", "run", "--rm", training_image["tag"], "sh", "-c",
+         "id -u; pwd; ls -A; git --version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()  # fmt: skip
+    assert listing[0] != "0", "the image must not run as root"
+    assert listing[1] == "/mlflow/projects/code"
+    assert {"train.py", "MLproject", "requirements.txt", "project_driver.py"} <= set(listing)
+    assert not {".venv", ".git", "tests", "data", "mlruns", "mlflow.db"} & set(listing)
+    assert "git" in listing  # MLflow finds git, so no GitPython warnings
+
+
+def test_make_run_trains_in_docker_and_logs_to_the_loopback_server(
+    training_image, mlflow_server, storage, pytestconfig
+):
+    from mlflow import MlflowClient
+
+    data_dir = storage / "demo"
+    args = [*TINY_RUN, "-P", f"data_dir={data_dir}", "-P", "run_name=docker-e2e",
+            "-P", "registered_model_name=docker-e2e"]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(
+        ["make", "-s", "run", training_image["make_args"], "EXPERIMENT=docker-e2e",
+         "ARGS=" + " ".join(args)],
+        cwd=PROJECT_DIR,
+        env=driver_env(mlflow_server, storage),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    say(pytestconfig, f"make run, 1 epoch on 60 demo images: {elapsed:.0f} s")
+
+    # The driver said what it decided, one line each.
+    assert "the container shares the host network (--network host)" in output
+    assert "GPU: " in output and f"storage: {storage} is mounted" in output
+    run_id = next(line.split()[-1] for line in output.splitlines() if line.startswith("run_id:"))
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "docker-e2e"
+    assert run.data.tags["mlflow.project.env"] == "docker"
+    assert run.data.tags["mlflow.docker.image.uri"] == training_image["tag"]
+    assert run.data.tags["mlflow.docker.image.id"] == training_image["id"]
+    assert run.data.params["epochs"] == "1"
+    for metric in ("loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run_id, metric)
+        assert [point.step for point in history] == [0], metric  # one value per epoch
+
+    artifacts = {item.path for item in client.list_artifacts(run_id)}
+    assert artifacts, "no artifacts uploaded through the server"
+    versions = client.search_model_versions("name='docker-e2e'")
+    assert [version.run_id for version in versions] == [run_id]
+
+    # The container wrote the demo images into the mounted folder as a non-root user.
+    written = [path for path in data_dir.rglob("*.png")]
+    assert len(written) == 60
+    owner = os.getuid() or project_driver.IMAGE_UID
+    assert {path.stat().st_uid for path in written} == {owner}
+
+
+def test_sweep_runs_two_containers_at_once_and_prints_the_table(
+    training_image, mlflow_server, storage, pytestconfig
+):
+    data_dir = storage / "sweep-demo"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "project_driver.py", "sweep", "--parallel", "2",
+         "--experiment-name", "docker-sweep", *TINY_RUN, "-P", f"data_dir={data_dir}",
+         "-P", "learning_rate=0.01,0.001", "-P", "run_name=sweep",
+         "-P", "registered_model_name=docker-sweep"],
+        cwd=PROJECT_DIR,
+        env=driver_env(mlflow_server, storage),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    say(pytestconfig, f"sweep of 2 runs, 2 at once: {elapsed:.0f} s")
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if {"run_id", "status"} <= set(line.split()))
+    table = lines[start:]
+    header = table[0].split()
+    assert {"learning_rate", "run_id", "status", "val_accuracy"} <= set(header)
+    rows = [dict(zip(header, line.split(), strict=False)) for line in table[2:4]]
+    assert [row["learning_rate"] for row in rows] == ["0.01", "0.001"]
+    assert [row["status"] for row in rows] == ["FINISHED", "FINISHED"]
