@@ -70,6 +70,26 @@ def stop_process_group(
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None):
+    """Start command in a process group of its own, stdout and stderr appended to log_path."""
+    with log_path.open("a") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Wait until GET url answers 200; fail with the log's tail if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while not http_ok(url):
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}:\n{tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy in {timeout:.0f} s:\n{tail(log_path)}")
+        time.sleep(0.5)
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """The last lines of a log file, for error messages."""
     if not path.exists():
@@ -215,26 +235,13 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> MlflowServer:
         """Start the server and wait until /health answers (schema migrations take a while)."""
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(self.env or {})},
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {self.process.returncode}:\n{tail(self.log_path)}"
-                )
-            if http_ok(f"{self.url}/health"):
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"mlflow server not healthy in {timeout:.0f} s:\n{tail(self.log_path)}")
+        self.process = spawn(self.command(), self.log_path, self.env)
+        try:
+            wait_healthy(f"{self.url}/health", self.process, self.log_path, timeout)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM to its process group)."""
@@ -311,13 +318,8 @@ class S3Server:
             f"-admin.port={ports['admin']}",
             f"-webdav.port={ports['webdav']}",
         ]  # fmt: skip
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key}
-        env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-        log.close()
+        keys = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        self.process = spawn(command, self.log_path, keys)
         try:
             wait_for_port(self.port, timeout, self.process)
         except (RuntimeError, TimeoutError) as error:

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,7 @@ from PIL import Image
 import lifecycle
 import train
 from tests.conftest import tiny_config
-from tests.servers import free_port, http_ok, stop_process_group
+from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,19 +244,12 @@ def test_make_serve_answers_like_the_model_in_process(registry, tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "lifecycle.py"), "serve", "--model", "models:/cells/2",
-             "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    command = [sys.executable, str(ROOT / "lifecycle.py"), "serve", "--model", "models:/cells/2",
+               "--port", str(port)]  # fmt: skip
+    process = spawn(command, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while not http_ok(f"{url}/ping"):
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(1)
+        wait_healthy(f"{url}/ping", process, log_path, timeout=180)
         paths = sorted(str(p) for p in registry["data_dir"].rglob("*.png"))[:5]
         spec = lifecycle.model_spec("models:/cells/2")
         assert (spec.image_size, spec.channels) == (32, 3)

@@ -32,8 +32,9 @@ from tests.servers import (
     find_s3_server,
     free_port,
     http_ok,
+    spawn,
     stop_process_group,
-    tail,
+    wait_healthy,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,18 +132,11 @@ def test_team_server_entry_point_with_s3_and_basic_auth(postgres, client_env, tm
         "MLFLOW_WORKERS": "1",
     }
     log_path = tmp_path / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tracking_server" / "start_server.py")],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    command = [sys.executable, str(ROOT / "tracking_server" / "start_server.py")]
+    process = spawn(command, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while not http_ok(f"{url}/health"):
-            assert process.poll() is None, f"server exited:\n{tail(log_path)}"
-            assert time.monotonic() < deadline, f"server not healthy:\n{tail(log_path)}"
-            time.sleep(1)
+        wait_healthy(f"{url}/health", process, log_path, timeout=120)
 
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
