@@ -11,13 +11,13 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train load_tfdata test lint format bench clean
+.PHONY: help env quickstart train ui load_tfdata test lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 # The stamp is rebuilt only when a requirements file changes.
-$(VENV)/.installed: requirements.txt tests/requirements.txt
+$(VENV)/.installed: requirements.txt tests/requirements.txt tracking_server/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r tests/requirements.txt
@@ -31,6 +31,9 @@ quickstart: $(VENV)/.installed ## train a small CNN on offline demo data, log an
 
 train: $(VENV)/.installed ## run train.py locally with ARGS="--flag value ..."
 	$(BIN)/python train.py $(ARGS)
+
+ui: $(VENV)/.installed ## browse the local tracking store (mlflow.db, mlruns/) on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 load_tfdata: $(VENV)/.installed ## download the TFDS dataset DATASET (default malaria) into TFDS_DIR
 	$(BIN)/python -c "import sys, train; sys.exit(train.download_tfds('$(DATASET)', '$(TFDS_DIR)'))"

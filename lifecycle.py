@@ -34,7 +34,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,9 +210,7 @@ def image_dataset(paths: list[str], spec: ModelSpec, batch_size: int = 64):
     cfg = spec.config
 
     def decode(path):
-        raw = tf.io.read_file(path)
-        image = tf.io.decode_image(raw, channels=cfg.channels, expand_animations=False)
-        return tf.cast(train._resize(image, cfg), tf.float32)
+        return tf.cast(train.decode_image(path, cfg), tf.float32)
 
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -223,15 +220,6 @@ def image_dataset(paths: list[str], spec: ModelSpec, batch_size: int = 64):
 def read_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
     """Image files -> one (N, H, W, C) float32 array, for small requests."""
     return np.concatenate(list(image_dataset(paths, spec).as_numpy_iterator()), axis=0)
-
-
-def readable_images(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Split paths into (images PIL can read, the rest)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        ok = list(pool.map(train._readable, paths))
-    good = [p for p, fine in zip(paths, ok, strict=True) if fine]
-    bad = [p for p, fine in zip(paths, ok, strict=True) if not fine]
-    return good, bad
 
 
 def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
@@ -509,9 +497,9 @@ def _log_plots(evaluation: Evaluation) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         predicted = evaluation.probs.argmax(axis=1)
-        train._plot_confusion_matrix(evaluation.labels, predicted, names, out / "confusion.png")
+        train.plot_confusion_matrix(evaluation.labels, predicted, names, out / "confusion.png")
         if len(names) == 2:
-            train._plot_roc(evaluation.labels, evaluation.probs[:, 1], out / "roc_curve.png")
+            train.plot_roc(evaluation.labels, evaluation.probs[:, 1], out / "roc_curve.png")
         (out / "confusion.png").rename(out / "confusion_matrix.png")
         mlflow.log_artifacts(tmp, "plots")
 
@@ -540,7 +528,7 @@ def predict(
     train.configure_tracking()
     ref = resolve_model(model, model_name)
     spec = model_spec(ref.uri)
-    paths, skipped = readable_images(collect_paths(inputs, path_column))
+    paths, skipped = train.split_readable(collect_paths(inputs, path_column))
     if skipped:
         shown = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} unreadable file(s):\n  {shown}")
@@ -751,13 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment-name", default="model-validation", help="experiment of the run")
     p.add_argument("--promote", type=train.parse_bool, default=True, metavar="BOOL",
                    help="false: report the decision but leave the alias alone")  # fmt: skip
-    fields = {f.name: f for f in dataclasses.fields(train.Config)}
-    for name in DATA_FIELDS:
-        f = fields[name]
-        kind = train.field_type(f)
-        p.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, default=f.default,
-                       type=train._FIELD_TYPES[kind], metavar=kind.upper(),
-                       help=f.metadata["help"])  # fmt: skip
+    train.add_config_flags(p, DATA_FIELDS)
 
     p = commands.add_parser(
         "predict", help="classify images; write a CSV", formatter_class=defaults

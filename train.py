@@ -23,12 +23,15 @@ import csv
 import dataclasses
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -199,7 +202,7 @@ def _finish(ds: tf.data.Dataset, cfg: Config, training: bool, count: int) -> tf.
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _resize(image: tf.Tensor, cfg: Config) -> tf.Tensor:
+def resize_image(image: tf.Tensor, cfg: Config) -> tf.Tensor:
     """Any image tensor -> uint8 (image_size, image_size, channels)."""
     if image.shape.rank == 2:
         image = image[..., tf.newaxis]
@@ -225,7 +228,8 @@ def _split_indices(count: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     ]
 
 
-def _readable(path: str) -> bool:
+def is_readable_image(path: str) -> bool:
+    """True when PIL can open and verify the file as an image."""
     from PIL import Image
 
     try:
@@ -236,35 +240,44 @@ def _readable(path: str) -> bool:
         return False
 
 
+def split_readable(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Split image paths into (readable, unreadable), checking files in parallel."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ok = list(pool.map(is_readable_image, paths))
+    good = [p for p, fine in zip(paths, ok, strict=True) if fine]
+    bad = [p for p, fine in zip(paths, ok, strict=True) if not fine]
+    return good, bad
+
+
+def decode_image(path: tf.Tensor, cfg: Config) -> tf.Tensor:
+    """An image file's path -> uint8 (image_size, image_size, channels) tensor."""
+    image = tf.io.decode_image(
+        tf.io.read_file(path), channels=cfg.channels, expand_animations=False
+    )
+    return resize_image(image, cfg)
+
+
 def files_pipeline(paths: list[str], labels: list[int], class_names: list[str], cfg: Config):
     """Image files + labels -> (train_ds, val_ds, info), leaving unreadable files out.
 
     Policy for corrupt or non-image files: skip them, report how many (and which) on
     the console and in the run's params, and stop only when a class is left empty.
     """
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        ok = list(pool.map(_readable, paths))
-    skipped = [p for p, good in zip(paths, ok, strict=True) if not good]
+    readable, skipped = split_readable(paths)
     if skipped:
         shown = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} unreadable image file(s):\n  {shown}")
-        keep = [i for i, good in enumerate(ok) if good]
-        paths = [paths[i] for i in keep]
-        labels = [labels[i] for i in keep]
+        label_of = dict(zip(paths, labels, strict=True))
+        paths, labels = readable, [label_of[p] for p in readable]
     _require_classes(labels, class_names)
-
-    def decode(path, label):
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=cfg.channels, expand_animations=False
-        )
-        return _resize(image, cfg), label
 
     paths_arr, labels_arr = np.array(paths), np.array(labels, dtype=np.int32)
     train_idx, val_idx = _split_indices(len(paths), cfg)
 
     def pipeline(idx, training):
         ds = tf.data.Dataset.from_tensor_slices((paths_arr[idx], labels_arr[idx]))
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda path, label: (decode_image(path, cfg), label),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)  # fmt: skip
         # A file that passed the PIL check but still fails to decode is dropped, not fatal.
         ds = ds.ignore_errors()
         return _finish(ds, cfg, training, len(idx))
@@ -412,7 +425,7 @@ def load_arrays(cfg: Config):
 
     def pipeline(idx, training):
         ds = tf.data.Dataset.from_tensor_slices((images[idx], labels_arr[idx]))
-        ds = ds.map(lambda x, y: (_resize(x, cfg), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: (resize_image(x, cfg), y), num_parallel_calls=tf.data.AUTOTUNE)
         return _finish(ds, cfg, training, len(idx))
 
     info = DataInfo(_image_shape(cfg), names, len(train_idx), len(val_idx))
@@ -455,7 +468,7 @@ def load_tfds(cfg: Config):
     def pipeline(raw, count, training):
         raw = raw.take(count)
         ds = raw.map(
-            lambda x, y: (_resize(x, cfg), tf.cast(y, tf.int32)),
+            lambda x, y: (resize_image(x, cfg), tf.cast(y, tf.int32)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         return _finish(ds, cfg, training, count)
@@ -749,7 +762,7 @@ def _plot_learning_curves(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_confusion_matrix(y_true, y_pred, class_names, path: Path) -> np.ndarray:
+def plot_confusion_matrix(y_true, y_pred, class_names, path: Path) -> np.ndarray:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -782,7 +795,7 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, float(np.trapezoid(tpr, fpr))
 
 
-def _plot_roc(y_true, scores, path: Path) -> float:
+def plot_roc(y_true, scores, path: Path) -> float:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -865,8 +878,12 @@ def run_training(cfg: Config) -> TrainResult:
     run_name = cfg.run_name or f"{network_name(cfg)}-{cfg.data_source}"
     with mlflow.start_run(run_name=run_name) as run:
         print(f"logging to {tracking_uri}, run {run.info.run_id}")
-        mlflow.set_tags({"git_commit": git_commit(), "data_source": cfg.data_source,
-                         "network": network_name(cfg)})  # fmt: skip
+        mlflow.set_tags({
+            "git_commit": git_commit(), "data_source": cfg.data_source,
+            "network": network_name(cfg),
+            # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
+            "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+        })  # fmt: skip
         mlflow.log_params(dataclasses.asdict(cfg))
         mlflow.log_params({
             "num_classes": info.num_classes, "class_names": ",".join(info.class_names),
@@ -919,9 +936,9 @@ def _log_evaluation(model, val_ds, info: DataInfo, history: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         _plot_learning_curves(history, out / "learning_curves.png")
-        _plot_confusion_matrix(labels, predicted, info.class_names, out / "confusion_matrix.png")
+        plot_confusion_matrix(labels, predicted, info.class_names, out / "confusion_matrix.png")
         if info.num_classes == 2:
-            _plot_roc(labels, probabilities[:, 0], out / "roc_curve.png")
+            plot_roc(labels, probabilities[:, 0], out / "roc_curve.png")
         mlflow.log_artifacts(tmp, "plots")
 
 
@@ -981,12 +998,11 @@ def field_type(f: dataclasses.Field) -> str:
     return f.type if isinstance(f.type, str) else f.type.__name__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_config_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None):
+    """Add a typed flag for each Config field (or those in `names`), with its help and default."""
     for f in fields(Config):
+        if names is not None and f.name not in names:
+            continue
         kind = field_type(f)
         # --data-source, and --data_source: the spelling `mlflow run -P` uses for extras
         spellings = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
@@ -998,6 +1014,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=kind.upper(),
             help=f.metadata["help"],
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flags(parser)
     return parser
 
 
@@ -1007,6 +1031,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # SIGTERM (docker stop, kill, a job scheduler) unwinds like an exception, so
+    # `with mlflow.start_run()` marks the run FAILED instead of leaving it RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.time()
     try:
         result = run_training(cfg)
