@@ -36,8 +36,11 @@ TINY_RUN = [
 def say(config: pytest.Config, line: str) -> None:
     """Timings go to pytest's terminal output even when it captures the tests' output."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"[docker e2e] {line}")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(f"\n[docker e2e] {line}")
 
 
 def docker_answers() -> bool:
