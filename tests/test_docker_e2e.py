@@ -136,11 +136,18 @@ def storage(tmp_path) -> Path:
     return folder
 
 
-def driver_env(mlflow_server: str, storage: Path) -> dict[str, str]:
+def run_in_project(command: list[str], mlflow_server: str, storage: Path) -> tuple[str, float]:
+    """Run a command in the project folder against the server; its output and seconds."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE_DIR": str(storage)}
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("GPUS", None)
-    return env
+    started = time.monotonic()
+    done = subprocess.run(
+        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    return output, time.monotonic() - started
 
 
 def test_image_holds_the_code_and_nothing_it_should_not(training_image):
@@ -166,19 +173,12 @@ def test_make_run_trains_in_docker_and_logs_to_the_loopback_server(
     data_dir = storage / "demo"
     args = [*TINY_RUN, "-P", f"data_dir={data_dir}", "-P", "run_name=docker-e2e",
             "-P", "registered_model_name=docker-e2e"]  # fmt: skip
-    started = time.monotonic()
-    done = subprocess.run(
+    output, elapsed = run_in_project(
         ["make", "-s", "run", training_image["make_args"], "EXPERIMENT=docker-e2e",
          "ARGS=" + " ".join(args)],
-        cwd=PROJECT_DIR,
-        env=driver_env(mlflow_server, storage),
-        capture_output=True,
-        text=True,
-        timeout=900,
+        mlflow_server,
+        storage,
     )  # fmt: skip
-    elapsed = time.monotonic() - started
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
     say(pytestconfig, f"make run, 1 epoch on 60 demo images: {elapsed:.0f} s")
 
     # The driver said what it decided, one line each.
@@ -214,22 +214,16 @@ def test_sweep_runs_two_containers_at_once_and_prints_the_table(
     training_image, mlflow_server, storage, pytestconfig
 ):
     data_dir = storage / "sweep-demo"
-    started = time.monotonic()
-    done = subprocess.run(
+    output, elapsed = run_in_project(
         [sys.executable, "project_driver.py", "sweep", "--parallel", "2",
          "--experiment-name", "docker-sweep", *TINY_RUN, "-P", f"data_dir={data_dir}",
          "-P", "learning_rate=0.01,0.001", "-P", "run_name=sweep",
          "-P", "registered_model_name=docker-sweep"],
-        cwd=PROJECT_DIR,
-        env=driver_env(mlflow_server, storage),
-        capture_output=True,
-        text=True,
-        timeout=900,
+        mlflow_server,
+        storage,
     )  # fmt: skip
-    elapsed = time.monotonic() - started
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     say(pytestconfig, f"sweep of 2 runs, 2 at once: {elapsed:.0f} s")
-    lines = done.stdout.splitlines()
+    lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if {"run_id", "status"} <= set(line.split()))
     table = lines[start:]
     header = table[0].split()
@@ -237,3 +231,12 @@ def test_sweep_runs_two_containers_at_once_and_prints_the_table(
     rows = [dict(zip(header, line.split(), strict=False)) for line in table[2:4]]
     assert [row["learning_rate"] for row in rows] == ["0.01", "0.001"]
     assert [row["status"] for row in rows] == ["FINISHED", "FINISHED"]
+
+    # Both ran in the experiment, and at the same time (their run windows overlap).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = [client.get_run(row["run_id"]).info for row in rows]
+    assert {client.get_experiment(run.experiment_id).name for run in runs} == {"docker-sweep"}
+    first, second = sorted(runs, key=lambda run: run.start_time)
+    assert second.start_time < first.end_time, "the two runs did not overlap"
