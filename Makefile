@@ -69,10 +69,16 @@ EXPERIMENT ?=
 build: ## build the training image (tag from MLproject; BASE_IMAGE=... overrides the base)
 	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 
-run: $(VENV)/.installed build ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3")
+# run and sweep check the tracking server first, so a server that is down fails in
+# seconds, before a build; the build then takes seconds when only code changed.
+run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3")
+	$(BIN)/python project_driver.py check
+	$(MAKE) --no-print-directory build
 	PYTHON=$(BIN)/python ./project_driver.bash $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
-sweep: $(VENV)/.installed build ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
+sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
+	$(BIN)/python project_driver.py check
+	$(MAKE) --no-print-directory build
 	$(BIN)/python project_driver.py sweep $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 # MLflow's Kubernetes backend builds FROM the image above with the project folder
