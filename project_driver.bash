@@ -16,6 +16,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PYTHON="${PYTHON:-.venv/bin/python}"
+[[ -x "$PYTHON" ]] || {
+    echo "error: no $PYTHON: run \`make env\` first (or set PYTHON)" >&2
+    exit 2
+}
 MLFLOW="$(dirname "$PYTHON")/mlflow"
 [[ -x "$MLFLOW" ]] || MLFLOW=mlflow
 

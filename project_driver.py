@@ -3,6 +3,7 @@
 Usage:
     ./project_driver.bash -P epochs=3                 # one run (make run ARGS="-P epochs=3")
     python project_driver.py plan -P epochs=3         # what project_driver.bash evaluates
+    python project_driver.py check                    # does the tracking server answer?
     python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
     python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
 
@@ -539,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print the bash lines project_driver.bash evaluates (messages on stderr); "
         "the mlflow run options that follow are passed on",
     )
+    commands.add_parser(
+        "check", help="only check that the tracking server answers (make run does, before building)"
+    )
     sweep = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
     sweep.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
     sweep.add_argument("--grid", type=Path, help="YAML file of parameter values")
@@ -555,6 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in plan.messages:
                 print(line, file=sys.stderr)
             sys.stdout.write(shell_plan(plan))
+            return 0
+        if args.command == "check":
+            host_plan()
             return 0
 
         grid = load_grid_file(args.grid) if args.grid else {}

@@ -345,6 +345,24 @@ def test_bash_driver_stops_before_mlflow_when_the_server_is_down(fake_bin, tmp_p
     assert "unreachable" in done.stderr and "No container was started" in done.stderr
 
 
+@pytest.mark.parametrize("target", ["run", "sweep"])
+def test_make_target_stops_before_building_when_the_server_is_down(fake_bin, tmp_path, target):
+    calls = tmp_path / "docker-calls.txt"
+    fake_command(fake_bin, "docker", f'echo "$@" >> "{calls}"\n')
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    done = subprocess.run(
+        ["make", "-s", target, "ARGS=-P epochs=1,2"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "unreachable" in done.stderr
+    assert "build" not in (calls.read_text() if calls.exists() else "")
+
+
 # ---------------------------------------------------------------------------
 # Sweeps: grid from -P or YAML, parameter names, the scheduler, the table
 # ---------------------------------------------------------------------------
