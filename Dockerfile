@@ -21,9 +21,11 @@ ENV PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2
 
 # MLflow records source versions with git; install it where the base lacks it.
+# MLproject's command says `python`: make sure the name exists on any base.
 RUN command -v git >/dev/null || { \
         apt-get update && apt-get install -y --no-install-recommends git \
-        && rm -rf /var/lib/apt/lists/*; }
+        && rm -rf /var/lib/apt/lists/*; } \
+    && { command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python; }
 
 # The same pinned file as .venv, so the image and the local environment agree.
 # On the TensorFlow base, tensorflow==2.21.0 is already there and pip keeps it.
