@@ -123,6 +123,8 @@ def check_server(uri: str, timeout: float = SERVER_TIMEOUT) -> None:
     """Fail within `timeout` seconds when an http(s) tracking server does not answer.
 
     Any HTTP answer counts (an auth proxy may say 401): only no answer at all fails.
+    train.py checks again inside the container; this check runs before any build or
+    container, and without importing train (and so TensorFlow) into the driver.
 
     Raises:
         DriverError: with the fix in the message.
