@@ -884,7 +884,10 @@ def run_training(cfg: Config) -> TrainResult:
             # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
             "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
         })  # fmt: skip
-        mlflow.log_params(dataclasses.asdict(cfg))
+        # `mlflow run` has logged its entry point's parameters already (shell-quoted, so
+        # '' reads "''"); a parameter may not change, so add only the missing ones.
+        logged = mlflow.get_run(run.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if k not in logged})
         mlflow.log_params({
             "num_classes": info.num_classes, "class_names": ",".join(info.class_names),
             "train_count": info.train_count, "val_count": info.val_count,

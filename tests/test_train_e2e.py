@@ -115,12 +115,17 @@ def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypat
     client = MlflowClient()
     experiment_id = client.create_experiment("launched")
     launched = client.create_run(experiment_id)
+    # as `mlflow run` logs them: its entry point's parameters, shell-quoted
+    client.log_param(launched.info.run_id, "run_name", "''")
+    client.log_param(launched.info.run_id, "epochs", "1")
     monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
     result = train.run_training(tiny_config(data_dir=str(tmp_path / "demo"),
                                             registered_model_name=""))  # fmt: skip
     assert result.run_id == launched.info.run_id
     assert result.model_version is None
-    assert client.get_run(launched.info.run_id).info.status == "FINISHED"
+    run = client.get_run(launched.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["run_name"] == "''" and run.data.params["seed"] == "42"
 
 
 def test_training_against_a_real_tracking_server(mlflow_server, tmp_path, monkeypatch):
