@@ -609,29 +609,6 @@ def request_predictions(url: str, images: np.ndarray, timeout: float = 60) -> np
 
 
 # ----------------------------------------------------------------------------
-# export: a TensorFlow Serving SavedModel
-# ----------------------------------------------------------------------------
-
-
-def export_tf_serving(model, directory: str | Path, version: int = 1) -> Path:
-    """Write a Keras model as a TF Serving SavedModel in directory/version.
-
-    TF Serving loads numbered version folders under a model's base path and serves
-    the `serving_default` signature; Keras 3's export writes it. The model takes raw
-    pixels 0..255 (float32, shape (None, H, W, C)) as in MLflow.
-
-    Returns:
-        The version folder written.
-    """
-    target = Path(directory) / str(version)
-    if target.exists():
-        raise UserError(f"{target} exists; TF Serving versions are immutable, pick --version")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    model.export(str(target), format="tf_saved_model", verbose=False)
-    return target
-
-
-# ----------------------------------------------------------------------------
 # reap-runs: runs whose process died stay RUNNING; mark them FAILED
 # ----------------------------------------------------------------------------
 
@@ -824,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             train.configure_tracking()
             ref = resolve_model(args.model, args.model_name)
-            target = export_tf_serving(load_model(ref.uri), args.output, args.version)
+            target = train.export_tf_serving(load_model(ref.uri), args.output, args.version)
             print(f"wrote {ref} as a TF Serving SavedModel to {target}")
             print(f"serve it: see doc/serving.md (model base path {Path(args.output).resolve()})")
         elif args.command == "reap-runs":

@@ -945,6 +945,24 @@ def _log_evaluation(model, val_ds, info: DataInfo, history: dict) -> None:
         mlflow.log_artifacts(tmp, "plots")
 
 
+def export_tf_serving(model, directory: str | Path, version: int = 1) -> Path:
+    """Write a Keras model as a TF Serving SavedModel in directory/version.
+
+    TF Serving loads numbered version folders under a model's base path and serves
+    the `serving_default` signature; Keras 3's export writes it. The model takes raw
+    pixels 0..255 (float32, shape (None, H, W, C)) as in MLflow.
+
+    Returns:
+        The version folder written.
+    """
+    target = Path(directory) / str(version)
+    if target.exists():
+        raise UserError(f"{target} exists; TF Serving versions are immutable, pick --version")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.export(str(target), format="tf_saved_model", verbose=False)
+    return target
+
+
 def _log_model(model, val_ds, info: DataInfo, cfg: Config) -> str | None:
     """Log the model (with signature and input example), register it, give it an alias."""
     import mlflow
@@ -967,8 +985,7 @@ def _log_model(model, val_ds, info: DataInfo, cfg: Config) -> str | None:
     )
     if cfg.export_savedmodel:
         with tempfile.TemporaryDirectory() as tmp:
-            export_dir = Path(tmp) / "1"  # TF Serving expects numbered version folders
-            model.export(str(export_dir), format="tf_saved_model", verbose=False)
+            export_tf_serving(model, tmp)
             mlflow.log_artifacts(tmp, "tf_serving")
     version = model_info.registered_model_version
     if version is not None and cfg.model_alias:

@@ -85,14 +85,14 @@ def test_tf_serving_export_answers_like_the_keras_model(tmp_path):
     cfg = tiny_config()
     model = train.define_network((32, 32, 3), 2, cfg)
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    target = lifecycle.export_tf_serving(model, tmp_path / "serving" / "cells")
+    target = train.export_tf_serving(model, tmp_path / "serving" / "cells")
     assert target == tmp_path / "serving" / "cells" / "1"
     assert (target / "saved_model.pb").exists()
     serving = tf.saved_model.load(str(target)).signatures["serving_default"]
     (output,) = serving(tf.constant(images)).values()
     np.testing.assert_allclose(output.numpy(), model.predict(images, verbose=0), atol=1e-5)
     with pytest.raises(train.UserError, match="immutable"):
-        lifecycle.export_tf_serving(model, tmp_path / "serving" / "cells")
+        train.export_tf_serving(model, tmp_path / "serving" / "cells")
 
 
 def test_unknown_model_says_what_exists(tracking_store):
