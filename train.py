@@ -31,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -909,6 +910,7 @@ def run_training(cfg: Config) -> TrainResult:
             validation_data=_one_hot(val_ds, info.num_classes),
             epochs=cfg.epochs,
             callbacks=[metrics_logger],
+            shuffle=False,  # train_ds reshuffles itself every epoch
             verbose="auto" if sys.stdout.isatty() else 2,
         )
         metrics_logger.flush()
@@ -1051,6 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # The pipelines drop undecodable files, so their length is unknown until a first
+    # pass ends, and Keras then warns that the input "ran out of data". Harmless.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
     # SIGTERM (docker stop, kill, a job scheduler) unwinds like an exception, so
     # `with mlflow.start_run()` marks the run FAILED instead of leaving it RUNNING.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
