@@ -15,6 +15,7 @@ def test_epoch_metrics_are_kept_while_the_server_fails_then_sent(tracking_store,
         raise mlflow.exceptions.MlflowException("API request failed: connection refused")
 
     logger = train.MlflowMetrics()
+    mlflow.set_experiment("metrics-buffer")  # not one a previous test left active
     with mlflow.start_run() as run:
         monkeypatch.setattr(mlflow, "log_metrics", server_down)
         logger.on_epoch_end(0, {"loss": 0.9, "val_loss": 1.0})
