@@ -497,10 +497,11 @@ def _log_plots(evaluation: Evaluation) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         predicted = evaluation.probs.argmax(axis=1)
-        train.plot_confusion_matrix(evaluation.labels, predicted, names, out / "confusion.png")
+        train.plot_confusion_matrix(
+            evaluation.labels, predicted, names, out / "confusion_matrix.png"
+        )
         if len(names) == 2:
             train.plot_roc(evaluation.labels, evaluation.probs[:, 1], out / "roc_curve.png")
-        (out / "confusion.png").rename(out / "confusion_matrix.png")
         mlflow.log_artifacts(tmp, "plots")
 
 

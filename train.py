@@ -743,12 +743,24 @@ class MlflowMetrics(keras.callbacks.Callback):
             self.pending.pop(0)
 
 
-def _plot_learning_curves(history: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (training has no screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def _plot_learning_curves(history: dict, path: Path) -> None:
+    plt = _pyplot()
     names = [m for m in ("loss", "accuracy", "auc") if m in history]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
     for ax, name in zip(np.atleast_1d(axes), names, strict=True):
@@ -758,17 +770,11 @@ def _plot_learning_curves(history: dict, path: Path) -> None:
             ax.plot(epochs, history[f"val_{name}"], "o-", label="validation")
         ax.set(title=name, xlabel="epoch")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_confusion_matrix(y_true, y_pred, class_names, path: Path) -> np.ndarray:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     k = len(class_names)
     matrix = np.zeros((k, k), dtype=int)
     np.add.at(matrix, (y_true, y_pred), 1)
@@ -781,9 +787,7 @@ def plot_confusion_matrix(y_true, y_pred, class_names, path: Path) -> np.ndarray
            title="validation confusion matrix")  # fmt: skip
     ax.set_xticklabels(class_names, rotation=45, ha="right")
     ax.set_yticklabels(class_names)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return matrix
 
 
@@ -797,20 +801,14 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def plot_roc(y_true, scores, path: Path) -> float:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fpr, tpr, area = roc_curve(y_true, scores)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC = {area:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="validation ROC")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return area
 
 
