@@ -258,28 +258,13 @@ def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
 
 
 def _table_paths(table: Path, path_column: str) -> list[str]:
-    if table.suffix.lower() == ".csv":
-        with open(table, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = json.loads(table.read_text())
-        if isinstance(rows, dict):  # {"path": [...]} column layout
-            rows = [{path_column: p} for p in rows.get(path_column, [])]
-    if not rows:
-        raise UserError(f"table {table} has no rows")
+    rows = train.read_table(table)
     if path_column not in rows[0]:
         raise UserError(
             f"table {table} has no '{path_column}' column; its columns are "
             f"{', '.join(rows[0])}. Name the column with --path-column."
         )
-    paths = [str((table.parent / str(row[path_column])).resolve()) for row in rows]
-    absent = [p for p in paths if not os.path.exists(p)]
-    if absent:
-        raise UserError(
-            f"{len(absent)} path(s) in {table} do not exist, e.g. {absent[0]} "
-            "(relative paths are read from the table's folder)"
-        )
-    return paths
+    return train.table_paths(table, [row[path_column] for row in rows])
 
 
 # ----------------------------------------------------------------------------

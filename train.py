@@ -347,6 +347,38 @@ def _label_index(values: list) -> tuple[list[int], list[str]]:
     return [lookup[v] for v in values], [str(v) for v in unique]
 
 
+def read_table(table: Path) -> list[dict]:
+    """The rows of a .csv or .json table; JSON as records or as {column: [values]}."""
+    if table.suffix.lower() == ".csv":
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    elif table.suffix.lower() == ".json":
+        rows = json.loads(table.read_text())
+        if isinstance(rows, dict):
+            try:
+                columns = zip(*rows.values(), strict=True)
+                rows = [dict(zip(rows, values, strict=True)) for values in columns]
+            except ValueError as err:
+                raise UserError(f"{table}: its columns have different lengths") from err
+    else:
+        raise UserError(f"{table}: tables of image paths must be .csv or .json")
+    if not rows:
+        raise UserError(f"{table} has no rows")
+    return rows
+
+
+def table_paths(table: Path, values: list) -> list[str]:
+    """A table's image paths made absolute (relative ones from its folder); all must exist."""
+    paths = [str((table.parent / str(value)).resolve()) for value in values]
+    absent = [p for p in paths if not os.path.exists(p)]
+    if absent:
+        raise UserError(
+            f"{len(absent)} image path(s) in {table} do not exist, e.g. {absent[0]}. "
+            "Fix the paths (relative ones are read from the table's folder)."
+        )
+    return paths
+
+
 def load_dataframe(cfg: Config):
     """A CSV or JSON table (e.g. a saved query result) of image paths and labels.
 
@@ -354,28 +386,14 @@ def load_dataframe(cfg: Config):
     records: [{"path": "...", "label": "..."}, ...].
     """
     table = _require_path(cfg.data_dir, "a .csv or .json table of image paths and labels")
-    if table.suffix.lower() == ".csv":
-        with open(table, newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif table.suffix.lower() == ".json":
-        rows = json.loads(table.read_text())
-    else:
-        raise UserError(f"{table}: the dataframe source reads .csv or .json tables")
-    if not rows:
-        raise UserError(f"{table} has no rows")
+    rows = read_table(table)
     missing_cols = [c for c in (cfg.path_column, cfg.label_column) if c not in rows[0]]
     if missing_cols:
         raise UserError(
             f"{table} has no column(s) {', '.join(missing_cols)}; its columns are "
             f"{', '.join(rows[0])}. Set --path-column / --label-column."
         )
-    paths = [str((table.parent / str(r[cfg.path_column])).resolve()) for r in rows]
-    absent = [p for p in paths if not os.path.exists(p)]
-    if absent:
-        raise UserError(
-            f"{len(absent)} image path(s) in {table} do not exist, e.g. {absent[0]}. "
-            "Fix the paths (relative ones are read from the table's folder)."
-        )
+    paths = table_paths(table, [r[cfg.path_column] for r in rows])
     labels, class_names = _label_index([r[cfg.label_column] for r in rows])
     return files_pipeline(paths, labels, class_names, cfg)
 

@@ -267,3 +267,18 @@ def test_load_tfdata_explains_an_unknown_dataset(tmp_path, capsys):
     assert train.download_tfds("no_such_dataset_xyz", str(tmp_path)) == 1
     err = capsys.readouterr().err
     assert "could not download TFDS dataset 'no_such_dataset_xyz'" in err
+
+
+def test_dataframe_json_in_column_layout(demo_dir, tmp_path):
+    files = sorted(demo_dir.rglob("*.png"))
+    columns = {"path": [str(p) for p in files], "label": [p.parent.name for p in files]}
+    (tmp_path / "cols.json").write_text(json.dumps(columns))
+    _, _, info = train.load_data(
+        tiny_config(data_source="dataframe", data_dir=str(tmp_path / "cols.json"))
+    )
+    assert info.class_names == ["parasitized", "uninfected"]
+    assert info.train_count + info.val_count == 48
+    columns["label"].pop()
+    (tmp_path / "cols.json").write_text(json.dumps(columns))
+    with pytest.raises(train.UserError, match="its columns have different lengths"):
+        train.load_data(tiny_config(data_source="dataframe", data_dir=str(tmp_path / "cols.json")))
