@@ -426,6 +426,7 @@ def test_sweep_scheduler_runs_in_parallel_one_gpu_each_and_reports_failures(tmp_
     import mlflow.projects
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("sweep")  # not whichever experiment an earlier test left active
     launched, running_gpus, peak = [], set(), [0]
 
     def fake_run(uri, entry_point, parameters, docker_args, experiment_name, synchronous):
