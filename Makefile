@@ -11,7 +11,7 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train ui load_tfdata test lint format bench clean
+.PHONY: help env quickstart train ui load_tfdata mlproject test lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,7 +36,10 @@ ui: $(VENV)/.installed ## browse the local tracking store (mlflow.db, mlruns/) o
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 load_tfdata: $(VENV)/.installed ## download the TFDS dataset DATASET (default malaria) into TFDS_DIR
-	$(BIN)/python -c "import sys, train; sys.exit(train.download_tfds('$(DATASET)', '$(TFDS_DIR)'))"
+	$(BIN)/python -c "import sys; from engine import sources; sys.exit(sources.download_tfds('$(DATASET)', '$(TFDS_DIR)'))"
+
+mlproject: $(VENV)/.installed ## rewrite MLproject's main entry point from train.Config (after adding a knob)
+	$(BIN)/python -m engine.mlproject train:Config
 
 test: $(VENV)/.installed ## run the test suite (slow tests skip with a reason where Docker or PostgreSQL is missing)
 	$(BIN)/python -m pytest $(ARGS)

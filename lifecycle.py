@@ -14,7 +14,8 @@ or just an alias or version number of --model-name (default image-classifier).
 
 Everything the model needs to read an image comes from the logged model itself: it
 rescales pixels internally, and its metadata names the image size, the channels and
-the class names. This file only decodes and resizes images exactly as train.py does.
+the class names. Images are decoded and resized by the engine's own code, as in training.
+From train.py this uses only the public hooks: Config and load_data.
 
 Tracking goes to $MLFLOW_TRACKING_URI, or to the local store in this folder, as for
 train.py.
@@ -40,14 +41,14 @@ from pathlib import Path
 import numpy as np
 
 import train
-from train import UserError
+from engine import evaluation, tracking
+from engine.config import UserError, add_config_flags, config_from, parse_bool
+from engine.network import class_probabilities
 
-DEFAULT_MODEL_NAME = train.Config.registered_model_name
-# Config fields that choose and split the evaluation data (validate's data flags).
-DATA_FIELDS = (
-    "data_source", "dataset", "data_dir", "val_split", "validation_samples", "path_column",
-    "label_column", "demo_samples", "seed", "batch_size", "cache",
-)  # fmt: skip
+DEFAULT_MODEL_NAME = train.Config().registered_model_name
+# validate's own flags; every other Config knob is a flag too, so a fork's own data
+# source gets the knobs its load_data reads.
+VALIDATE_OWN_FLAGS = ("experiment_name",)
 # Metrics where a smaller value is the better one.
 LOWER_IS_BETTER = ("loss",)
 
@@ -85,7 +86,11 @@ def resolve_model(text: str, default_name: str = DEFAULT_MODEL_NAME) -> ModelRef
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    if text.startswith("runs:/") or "://" in text or Path(text).exists():
+    if (
+        text.startswith(("runs:/", "models:/m-"))  # a run's artifact, or a logged model's id
+        or "://" in text
+        or Path(text).exists()
+    ):
         run_id = text.split("/")[1] if text.startswith("runs:/") else None
         return ModelRef(uri=text, name=None, version=None, run_id=run_id)
     if text.startswith("models:/"):
@@ -143,13 +148,6 @@ class ModelSpec:
     channels: int
     class_names: list[str]
 
-    @property
-    def config(self) -> train.Config:
-        """A train.Config that decodes and resizes images the way this model was trained."""
-        return dataclasses.replace(
-            train.Config(), image_size=self.image_size, channels=self.channels
-        )
-
 
 def model_spec(uri: str) -> ModelSpec:
     """Read image size, channels and class names from the logged model's metadata.
@@ -188,29 +186,19 @@ def load_model(uri: str):
     return mlflow.tensorflow.load_model(uri)
 
 
-def probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Model outputs -> (N, K) class probabilities (a sigmoid column becomes two)."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if outputs.ndim == 1:
-        outputs = outputs[:, None]
-    if outputs.shape[1] == 1:
-        return np.concatenate([1.0 - outputs, outputs], axis=1)
-    return outputs
-
-
 # ----------------------------------------------------------------------------
-# Images: decode and resize as train.py does
+# Images: decode and resize as training does
 # ----------------------------------------------------------------------------
 
 
 def image_dataset(paths: list[str], spec: ModelSpec, batch_size: int = 64):
-    """Image files -> batched float32 pixels 0..255 shaped for the model (train.py's resize)."""
+    """Image files -> batched float32 pixels 0..255 shaped for the model (training's resize)."""
     import tensorflow as tf
 
-    cfg = spec.config
+    from engine.images import decode_image
 
     def decode(path):
-        return tf.cast(train.decode_image(path, cfg), tf.float32)
+        return tf.cast(decode_image(path, spec.image_size, spec.channels), tf.float32)
 
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -225,13 +213,15 @@ def read_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
 def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
     """Image paths from folders (searched recursively), image files and CSV/JSON tables.
 
-    A table's relative paths are read from the table's folder, as in train.py's
-    dataframe source.
+    A table's relative paths are read from the table's folder, as in the dataframe
+    source.
 
     Raises:
         UserError: an input does not exist, a table lacks the path column, or no
             image is found at all.
     """
+    from engine.images import IMAGE_EXTENSIONS
+
     paths: list[str] = []
     for text in inputs:
         item = Path(text).expanduser()
@@ -241,12 +231,10 @@ def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
             found = sorted(
                 str(p.resolve())
                 for p in item.rglob("*")
-                if p.is_file() and p.suffix.lower() in train.IMAGE_EXTENSIONS
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
             )
             if not found:
-                raise UserError(
-                    f"folder {item} holds no images ({', '.join(train.IMAGE_EXTENSIONS)})"
-                )
+                raise UserError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found
         elif item.suffix.lower() in (".csv", ".json"):
             paths += _table_paths(item, path_column)
@@ -258,52 +246,15 @@ def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
 
 
 def _table_paths(table: Path, path_column: str) -> list[str]:
-    rows = train.read_table(table)
-    if path_column not in rows[0]:
-        raise UserError(
-            f"table {table} has no '{path_column}' column; its columns are "
-            f"{', '.join(rows[0])}. Name the column with --path-column."
-        )
-    return train.table_paths(table, [row[path_column] for row in rows])
+    from engine.sources import read_table, table_column, table_paths
+
+    rows = read_table(table)
+    return table_paths(table, table_column(table, rows, path_column, "--path-column"))
 
 
 # ----------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------
-
-
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """accuracy, loss (cross-entropy), auc, precision, recall, f1.
-
-    Two classes: precision, recall and f1 of class index 1 (the positive class, as
-    in training), ROC AUC of its probability. More classes: macro averages, and the
-    mean one-vs-rest AUC.
-    """
-    labels = np.asarray(labels, dtype=int)
-    count, num_classes = probs.shape
-    predicted = probs.argmax(axis=1)
-    picked = np.clip(probs[np.arange(count), labels], 1e-7, 1.0)
-    result = {
-        "accuracy": float((predicted == labels).mean()),
-        "loss": float(-np.log(picked).mean()),
-    }
-    classes = [1] if num_classes == 2 else list(range(num_classes))
-    precision, recall, f1, auc = [], [], [], []
-    for k in classes:
-        true_pos = float(np.sum((predicted == k) & (labels == k)))
-        p = true_pos / max(np.sum(predicted == k), 1)
-        r = true_pos / max(np.sum(labels == k), 1)
-        precision.append(p)
-        recall.append(r)
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
-        if 0 < np.sum(labels == k) < count:  # AUC needs both outcomes present
-            auc.append(train.roc_curve((labels == k).astype(int), probs[:, k])[2])
-    result.update(
-        precision=float(np.mean(precision)), recall=float(np.mean(recall)), f1=float(np.mean(f1))
-    )
-    if auc:
-        result["auc"] = float(np.mean(auc))
-    return result
 
 
 def is_better(candidate: float, champion: float, metric: str, min_delta: float = 0.0) -> bool:
@@ -360,8 +311,8 @@ def evaluate(ref: ModelRef, data_cfg: train.Config, split: str, data_cache: dict
 
     batches = tf.data.Dataset.from_tensor_slices(images).batch(data_cfg.batch_size)
     batches = batches.map(lambda x: tf.cast(x, tf.float32))
-    probs = probabilities(load_model(ref.uri).predict(batches, verbose=0))
-    return Evaluation(ref, spec, labels, probs, classification_metrics(labels, probs))
+    probs = class_probabilities(load_model(ref.uri).predict(batches, verbose=0))
+    return Evaluation(ref, spec, labels, probs, evaluation.classification_metrics(labels, probs))
 
 
 def validate(
@@ -396,7 +347,7 @@ def validate(
     """
     import mlflow
 
-    train.configure_tracking()
+    tracking.configure_tracking()
     candidate_ref = resolve_model(model, model_name)
     if candidate_ref.name is None:
         raise UserError(
@@ -475,18 +426,11 @@ def validate(
     return ValidationResult(run.info.run_id, candidate, champion, promoted and promote, reason)
 
 
-def _log_plots(evaluation: Evaluation) -> None:
+def _log_plots(scored: Evaluation) -> None:
     import mlflow
 
-    names = evaluation.spec.class_names
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        predicted = evaluation.probs.argmax(axis=1)
-        train.plot_confusion_matrix(
-            evaluation.labels, predicted, names, out / "confusion_matrix.png"
-        )
-        if len(names) == 2:
-            train.plot_roc(evaluation.labels, evaluation.probs[:, 1], out / "roc_curve.png")
+        evaluation.save_plots(scored.labels, scored.probs, scored.spec.class_names, Path(tmp))
         mlflow.log_artifacts(tmp, "plots")
 
 
@@ -511,18 +455,19 @@ def predict(
     Returns:
         The path of the CSV written.
     """
-    train.configure_tracking()
+    tracking.configure_tracking()
     ref = resolve_model(model, model_name)
     spec = model_spec(ref.uri)
-    paths, skipped = train.split_readable(collect_paths(inputs, path_column))
-    if skipped:
-        shown = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} unreadable file(s):\n  {shown}")
+    from engine.images import report_skipped, split_readable
+
+    paths, skipped = split_readable(collect_paths(inputs, path_column))
+    report_skipped(skipped, "unreadable file(s)")
     if not paths:
         raise UserError("none of the input files is a readable image")
     print(f"predicting {len(paths)} image(s) with {ref} ({spec.image_size}px, {spec.channels} ch)")
     keras_model = load_model(ref.uri)
-    probs = probabilities(keras_model.predict(image_dataset(paths, spec, batch_size), verbose=0))
+    outputs = keras_model.predict(image_dataset(paths, spec, batch_size), verbose=0)
+    probs = class_probabilities(outputs)
     predicted = probs.argmax(axis=1)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -554,7 +499,7 @@ def serve(model: str, port: int, host: str = "127.0.0.1", model_name: str = DEFA
     """Replace this process with `mlflow models serve` for a registered version."""
     import mlflow
 
-    tracking_uri = train.configure_tracking()
+    tracking_uri = tracking.configure_tracking()
     ref = resolve_model(model, model_name)
     with socket.socket() as sock:
         if sock.connect_ex((host, port)) == 0:
@@ -628,7 +573,7 @@ def reap_runs(
     import mlflow
     from mlflow.entities import ViewType
 
-    train.configure_tracking()
+    tracking.configure_tracking()
     client = mlflow.MlflowClient()
     if experiment_names:
         experiments = [client.get_experiment_by_name(n) for n in experiment_names]
@@ -700,9 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation: the held-out split train.py makes with the same seed and "
                    "val_split; all: every image (a separate test set)")  # fmt: skip
     p.add_argument("--experiment-name", default="model-validation", help="experiment of the run")
-    p.add_argument("--promote", type=train.parse_bool, default=True, metavar="BOOL",
+    p.add_argument("--promote", type=parse_bool, default=True, metavar="BOOL",
                    help="false: report the decision but leave the alias alone")  # fmt: skip
-    train.add_config_flags(p, DATA_FIELDS)
+    add_config_flags(p, train.Config, [f.name for f in dataclasses.fields(train.Config)
+                                       if f.name not in VALIDATE_OWN_FLAGS])  # fmt: skip
 
     p = commands.add_parser(
         "predict", help="classify images; write a CSV", formatter_class=defaults
@@ -750,9 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "validate":
-            data_cfg = dataclasses.replace(
-                train.Config(), **{name: getattr(args, name) for name in DATA_FIELDS}
-            )
+            data_cfg = config_from(train.Config, vars(args))
             result = validate(
                 args.model, data_cfg, split=args.split, metric=args.metric,
                 champion_alias=args.champion_alias, min_delta=args.min_delta,
@@ -774,20 +718,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             serve(args.model, args.port, args.host, args.model_name)
         elif args.command == "request":
-            train.configure_tracking()
+            tracking.configure_tracking()
             spec = model_spec(resolve_model(args.model, args.model_name).uri)
             images = read_images(args.images, spec)
             if args.print_json:
                 sys.stdout.write(request_body(images).decode() + "\n")
                 return 0
-            probs = probabilities(request_predictions(args.url, images))
+            probs = class_probabilities(request_predictions(args.url, images))
             for path, row in zip(args.images, probs, strict=True):
                 k = int(row.argmax())
                 print(f"{path}: {spec.class_names[k]} ({row[k]:.4f})")
         elif args.command == "export":
-            train.configure_tracking()
+            tracking.configure_tracking()
             ref = resolve_model(args.model, args.model_name)
-            target = train.export_tf_serving(load_model(ref.uri), args.output, args.version)
+            target = tracking.export_tf_serving(load_model(ref.uri), args.output, args.version)
             print(f"wrote {ref} as a TF Serving SavedModel to {target}")
             print(f"serve it: see doc/serving.md (model base path {Path(args.output).resolve()})")
         elif args.command == "reap-runs":

@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from engine.sources import DEMO_CLASSES, make_demo_data  # noqa: E402
 
 
 def epoch_rate(ds, started: float) -> tuple[float, int]:
@@ -87,12 +88,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         print(f"generating {args.images} {args.source_size}px PNGs ...", flush=True)
-        train.make_demo_data(root, args.images, args.source_size, seed=0)
+        make_demo_data(root, args.images, args.source_size, seed=0)
         base = train.Config(image_size=args.image_size, batch_size=args.batch_size,
                             val_split=0.2, data_dir=str(root))  # fmt: skip
         _, _, info = train.load_data(dataclasses.replace(base, data_source="imagedir"))
         paths = sorted(str(p) for p in root.rglob("*.png"))
-        labels = [train.DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
+        labels = [DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
 
         table = Path(tmp) / "table.csv"
         with open(table, "w", newline="") as f:

@@ -8,6 +8,8 @@ import mlflow
 import pytest
 
 import train
+from engine.sources import make_demo_data
+from engine.training import TrainResult, run_training
 from tests.servers import MlflowServer
 
 
@@ -27,6 +29,11 @@ def tiny_config(**overrides) -> train.Config:
         export_savedmodel=False,
     )
     return dataclasses.replace(train.Config(), **{**defaults, **overrides})
+
+
+def train_and_log(cfg: train.Config) -> TrainResult:
+    """One whole run of train.py's Config, load_data and define_network, as main() does."""
+    return run_training(cfg, train.load_data, train.define_network)
 
 
 @pytest.fixture
@@ -59,5 +66,5 @@ def mlflow_server(tmp_path_factory) -> str:
 def demo_dir(tmp_path):
     """48 synthetic 32x32 PNGs in two class folders."""
     directory = tmp_path / "cells"
-    train.make_demo_data(directory, samples=48, image_size=32, seed=1)
+    make_demo_data(directory, samples=48, image_size=32, seed=1)
     return directory

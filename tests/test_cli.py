@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import train
+from engine.config import UserError, build_parser, field_type, parse_bool, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MLPROJECT_TYPES = {"int": "int", "float": "float", "str": "string", "bool": "bool"}
@@ -23,22 +24,22 @@ def mlproject_main() -> dict:
 
 @pytest.mark.parametrize("text", ["true", "True", "YES", "1", "on"])
 def test_parse_bool_true(text):
-    assert train.parse_bool(text) is True
+    assert parse_bool(text) is True
 
 
 @pytest.mark.parametrize("text", ["false", "No", "0", "OFF"])
 def test_parse_bool_false(text):
-    assert train.parse_bool(text) is False
+    assert parse_bool(text) is False
 
 
 @pytest.mark.parametrize("text", ["maybe", "", "2", "Falsey"])
 def test_parse_bool_rejects_other_words(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected true/false"):
-        train.parse_bool(text)
+        parse_bool(text)
 
 
 def test_flags_have_real_types_and_both_spellings():
-    cfg = train.parse_args(
+    cfg = parse_config(train.Config,
         ["--epochs", "3", "--learning_rate", "0.01", "--randomize-images", "no",
          "--data-source", "imagedir"]
     )  # fmt: skip
@@ -49,14 +50,14 @@ def test_flags_have_real_types_and_both_spellings():
 
 
 def test_defaults_come_from_config():
-    assert train.parse_args([]) == train.Config()
+    assert parse_config(train.Config, []) == train.Config()
 
 
 def test_help_lists_every_parameter_with_type_and_default():
-    text = " ".join(train.build_parser().format_help().split())
+    text = " ".join(build_parser(train.Config).format_help().split())
     for f in dataclasses.fields(train.Config):
         flag = "--" + f.name.replace("_", "-")
-        assert f"{flag} {train.field_type(f).upper()}" in text, flag
+        assert f"{flag} {field_type(f).upper()}" in text, flag
     assert "(default: malaria)" in text
     assert "(default: 5)" in text
 
@@ -67,7 +68,7 @@ def test_mlproject_matches_config():
     config_fields = {f.name: f for f in dataclasses.fields(train.Config)}
     assert set(params) == set(config_fields), "MLproject and Config name different parameters"
     for name, f in config_fields.items():
-        assert params[name]["type"] == MLPROJECT_TYPES[train.field_type(f)], name
+        assert params[name]["type"] == MLPROJECT_TYPES[field_type(f)], name
         default = params[name]["default"]
         assert type(default) is type(f.default) or isinstance(f.default, float), name
         assert default == f.default, name
@@ -87,7 +88,7 @@ def test_mlproject_command_parses_to_the_defaults():
         fixed.append(token)
         if token.startswith("--") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             fixed.append("")
-    assert train.parse_args(fixed) == train.Config()
+    assert parse_config(train.Config, fixed) == train.Config()
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,7 @@ def test_mlproject_command_parses_to_the_defaults():
 )
 def test_bad_values_are_named(overrides, message):
     cfg = dataclasses.replace(train.Config(), **overrides)
-    with pytest.raises(train.UserError) as caught:
+    with pytest.raises(UserError) as caught:
         cfg.validate()
     assert message in str(caught.value)
 

@@ -11,7 +11,11 @@ import pytest
 from PIL import Image
 
 import train
+from engine.config import UserError
+from engine.sources import download_tfds, make_demo_data
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.example
 
 
 def first_batch(ds):
@@ -115,13 +119,13 @@ def test_imagedir_bad_layouts(tmp_path, layout, message):
         write_image(root / "good" / "a.png", (8, 8))
         (root / "bad").mkdir()
         (root / "bad" / "x.png").write_text("nope")
-    with pytest.raises(train.UserError) as caught:
+    with pytest.raises(UserError) as caught:
         train.load_data(tiny_config(data_source="imagedir", data_dir=str(root)))
     assert message in str(caught.value)
 
 
 def test_imagedir_needs_a_data_dir():
-    with pytest.raises(train.UserError, match="--data-dir is required"):
+    with pytest.raises(UserError, match="--data-dir is required"):
         train.load_data(tiny_config(data_source="imagedir", data_dir=""))
 
 
@@ -161,11 +165,9 @@ def test_dataframe_numeric_labels_sort_as_numbers(tmp_path):
 def test_dataframe_errors(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("image,label\nmissing.png,a\n")
-    with pytest.raises(
-        train.UserError, match="has no column.s. path; its columns are image, label"
-    ):
+    with pytest.raises(UserError, match="has no column .path.; its columns are image, label"):
         train.load_data(tiny_config(data_source="dataframe", data_dir=str(table)))
-    with pytest.raises(train.UserError, match="1 image path.s. in .* do not exist"):
+    with pytest.raises(UserError, match="1 image path.s. in .* do not exist"):
         train.load_data(
             tiny_config(data_source="dataframe", data_dir=str(table), path_column="image")
         )
@@ -200,10 +202,10 @@ def test_arrays_hdf5_one_hot_gray_float(tmp_path):
 
 def test_arrays_errors(tmp_path):
     np.savez(tmp_path / "d.npz", pixels=np.zeros((4, 8, 8)))
-    with pytest.raises(train.UserError, match="needs arrays named images and labels"):
+    with pytest.raises(UserError, match="needs arrays named images and labels"):
         train.load_data(tiny_config(data_source="arrays", data_dir=str(tmp_path / "d.npz")))
     (tmp_path / "d.txt").write_text("")
-    with pytest.raises(train.UserError, match="reads .npz, .h5 or .hdf5"):
+    with pytest.raises(UserError, match="reads .npz, .h5 or .hdf5"):
         train.load_data(tiny_config(data_source="arrays", data_dir=str(tmp_path / "d.txt")))
 
 
@@ -223,14 +225,14 @@ def test_tfds_with_mock_data(tmp_path):
 
 def test_tfds_missing_data_says_how_to_download(tmp_path):
     cfg = tiny_config(data_source="tfds", dataset="malaria", data_dir=str(tmp_path / "none"))
-    with pytest.raises(train.UserError, match="make load_tfdata DATASET=malaria"):
+    with pytest.raises(UserError, match="make load_tfdata DATASET=malaria"):
         train.load_data(cfg)
 
 
 def test_demo_data_is_deterministic_and_cached(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    train.make_demo_data(a, 6, 24, seed=3)
-    train.make_demo_data(b, 6, 24, seed=3)
+    make_demo_data(a, 6, 24, seed=3)
+    make_demo_data(b, 6, 24, seed=3)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert len(files) == 6
     for f in files:
@@ -246,7 +248,7 @@ def test_demo_data_is_deterministic_and_cached(tmp_path):
 
 
 def test_demo_classes_differ_in_dark_spots(tmp_path):
-    train.make_demo_data(tmp_path, 40, 48, seed=0)
+    make_demo_data(tmp_path, 40, 48, seed=0)
 
     def darkest(name):  # the darkest pixel, judged by its brightest channel
         return [
@@ -259,12 +261,12 @@ def test_demo_classes_differ_in_dark_spots(tmp_path):
 def test_load_tfdata_explains_an_unwritable_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the folder should go")
-    assert train.download_tfds("malaria", str(blocker / "tfdata")) == 1
+    assert download_tfds("malaria", str(blocker / "tfdata")) == 1
     assert "cannot create" in capsys.readouterr().err
 
 
 def test_load_tfdata_explains_an_unknown_dataset(tmp_path, capsys):
-    assert train.download_tfds("no_such_dataset_xyz", str(tmp_path)) == 1
+    assert download_tfds("no_such_dataset_xyz", str(tmp_path)) == 1
     err = capsys.readouterr().err
     assert "could not download TFDS dataset 'no_such_dataset_xyz'" in err
 
@@ -280,5 +282,5 @@ def test_dataframe_json_in_column_layout(demo_dir, tmp_path):
     assert info.train_count + info.val_count == 48
     columns["label"].pop()
     (tmp_path / "cols.json").write_text(json.dumps(columns))
-    with pytest.raises(train.UserError, match="its columns have different lengths"):
+    with pytest.raises(UserError, match="its columns have different lengths"):
         train.load_data(tiny_config(data_source="dataframe", data_dir=str(tmp_path / "cols.json")))

@@ -17,33 +17,16 @@ from PIL import Image
 
 import lifecycle
 import train
-from tests.conftest import tiny_config
+from engine.config import UserError
+from engine.network import class_probabilities
+from engine.sources import make_demo_data
+from engine.tracking import export_tf_serving
+from tests.conftest import tiny_config, train_and_log
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- fast: pure functions
-
-
-def test_binary_metrics_match_hand_counts():
-    labels = np.array([0, 0, 1, 1, 1])
-    p1 = np.array([0.1, 0.6, 0.8, 0.4, 0.9])  # predicted: 0 1 1 0 1
-    metrics = lifecycle.classification_metrics(labels, lifecycle.probabilities(p1[:, None]))
-    assert metrics["accuracy"] == pytest.approx(3 / 5)
-    assert metrics["precision"] == pytest.approx(2 / 3)  # of 3 predicted positives, 2 right
-    assert metrics["recall"] == pytest.approx(2 / 3)  # of 3 true positives, 2 found
-    assert metrics["auc"] == pytest.approx(5 / 6)  # 5 of 6 (pos, neg) pairs ordered right
-    expected_loss = -np.mean(np.log([0.9, 0.4, 0.8, 0.4, 0.9]))
-    assert metrics["loss"] == pytest.approx(expected_loss)
-
-
-def test_multiclass_metrics_are_macro_averages():
-    labels = np.array([0, 1, 2, 2])
-    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2]])
-    metrics = lifecycle.classification_metrics(labels, probs)
-    assert metrics["accuracy"] == pytest.approx(0.75)
-    assert metrics["precision"] == pytest.approx((0.5 + 1 + 1) / 3)
-    assert metrics["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
 
 
 def test_loss_is_better_when_lower_and_ties_keep_the_champion():
@@ -70,12 +53,12 @@ def test_collect_paths_from_folders_files_and_tables(demo_dir, tmp_path):
     records.write_text(json.dumps([{"path": p} for p in images[:2]]))
     assert lifecycle.collect_paths([str(records)]) == images[:2]
 
-    with pytest.raises(train.UserError, match="no 'path' column.*--path-column"):
+    with pytest.raises(UserError, match="no column 'path'.*--path-column"):
         lifecycle.collect_paths([str(table)])
-    with pytest.raises(train.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         lifecycle.collect_paths([str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(train.UserError, match="holds no images"):
+    with pytest.raises(UserError, match="holds no images"):
         lifecycle.collect_paths([str(tmp_path / "empty")])
 
 
@@ -85,20 +68,20 @@ def test_tf_serving_export_answers_like_the_keras_model(tmp_path):
     cfg = tiny_config()
     model = train.define_network((32, 32, 3), 2, cfg)
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    target = train.export_tf_serving(model, tmp_path / "serving" / "cells")
+    target = export_tf_serving(model, tmp_path / "serving" / "cells")
     assert target == tmp_path / "serving" / "cells" / "1"
     assert (target / "saved_model.pb").exists()
     serving = tf.saved_model.load(str(target)).signatures["serving_default"]
     (output,) = serving(tf.constant(images)).values()
     np.testing.assert_allclose(output.numpy(), model.predict(images, verbose=0), atol=1e-5)
-    with pytest.raises(train.UserError, match="immutable"):
-        train.export_tf_serving(model, tmp_path / "serving" / "cells")
+    with pytest.raises(UserError, match="immutable"):
+        export_tf_serving(model, tmp_path / "serving" / "cells")
 
 
 def test_unknown_model_says_what_exists(tracking_store):
-    with pytest.raises(train.UserError, match="no registered model 'nothing-here'"):
+    with pytest.raises(UserError, match="no registered model 'nothing-here'"):
         lifecycle.resolve_model("models:/nothing-here@champion")
-    with pytest.raises(train.UserError, match="names no version"):
+    with pytest.raises(UserError, match="names no version"):
         lifecycle.resolve_model("models:/nothing-here")
 
 
@@ -151,7 +134,7 @@ def registry(tmp_path_factory):
     versions = []
     for epochs in (1, 2):
         cfg = tiny_config(data_dir=str(data_dir), epochs=epochs, registered_model_name="cells")
-        versions.append(train.run_training(cfg).model_version)
+        versions.append(train_and_log(cfg).model_version)
     yield {"uri": uri, "data_dir": data_dir, "versions": versions, "root": root}
     for key, value in saved.items():
         if value is None:
@@ -209,14 +192,14 @@ def test_validate_refuses_data_with_other_classes(registry, tmp_path):
         for i in range(3):
             Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
     cfg = tiny_config(data_source="imagedir", data_dir=str(tmp_path))
-    with pytest.raises(train.UserError, match="differ from the classes"):
+    with pytest.raises(UserError, match="differ from the classes"):
         lifecycle.validate("models:/cells/1", cfg)
 
 
 @pytest.mark.slow
 def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
     # Made at the model's 32 px, so resizing must leave the pixels as they are.
-    train.make_demo_data(tmp_path / "new", samples=6, image_size=32, seed=7)
+    make_demo_data(tmp_path / "new", samples=6, image_size=32, seed=7)
     images = sorted((tmp_path / "new").rglob("*.png"))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
@@ -266,7 +249,7 @@ def test_make_serve_answers_like_the_model_in_process(registry, tmp_path):
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert answer.returncode == 0, answer.stderr[-2000:]
-        for path, row in zip(paths[:2], lifecycle.probabilities(in_process[:2]), strict=True):
+        for path, row in zip(paths[:2], class_probabilities(in_process[:2]), strict=True):
             assert f"{path}: {spec.class_names[row.argmax()]} ({row.max():.4f})" in answer.stdout
     finally:
         stop_process_group(process)

@@ -1,4 +1,4 @@
-"""define_network: shapes, heads, the VGG16 freeze, precision policy; roc_curve arithmetic."""
+"""The example define_network: shapes, heads, the VGG16 freeze; the precision policy."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 
 import train
+from engine.network import build_network
+from engine.training import choose_strategy, set_precision
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.example
 
 
 @pytest.mark.parametrize(("num_classes", "outputs"), [(2, 1), (5, 5)])
 def test_cnn_output_shape_and_head(num_classes, outputs):
-    model = train.define_network((32, 32, 3), num_classes, tiny_config(convolutions=3))
+    cfg = tiny_config(convolutions=3)
+    model, _ = build_network(train.define_network, (32, 32, 3), num_classes, cfg)
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     probabilities = model.predict(images, verbose=0)
     assert probabilities.shape == (4, outputs)
@@ -51,20 +56,12 @@ def test_vgg16_transfer_learning_freezes_the_base(fine_tune_layers):
 
 
 def test_mixed_precision_falls_back_to_float32_on_cpu(capsys):
-    assert train.set_precision(tiny_config(mixed_precision="auto")) == "float32"
-    assert train.set_precision(tiny_config(mixed_precision="true")) == "float32"
+    assert set_precision(tiny_config(mixed_precision="auto")) == "float32"
+    assert set_precision(tiny_config(mixed_precision="true")) == "float32"
     assert "mixed precision needs a GPU" in capsys.readouterr().out
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_strategy_is_default_without_several_gpus():
-    strategy = train.choose_strategy(tiny_config(distribute=True))
+    strategy = choose_strategy(tiny_config(distribute=True))
     assert strategy.num_replicas_in_sync == 1
-
-
-def test_roc_curve():
-    fpr, tpr, area = train.roc_curve(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    assert area == pytest.approx(0.75)
-    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
-    _, _, perfect = train.roc_curve(np.array([0, 1, 1]), np.array([0.1, 0.7, 0.9]))
-    assert perfect == pytest.approx(1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-import train
+from engine.tracking import MlflowMetrics
 
 
 def test_epoch_metrics_are_kept_while_the_server_fails_then_sent(tracking_store, monkeypatch):
@@ -14,7 +14,7 @@ def test_epoch_metrics_are_kept_while_the_server_fails_then_sent(tracking_store,
     def server_down(*args, **kwargs):
         raise mlflow.exceptions.MlflowException("API request failed: connection refused")
 
-    logger = train.MlflowMetrics()
+    logger = MlflowMetrics()
     mlflow.set_experiment("metrics-buffer")  # not one a previous test left active
     with mlflow.start_run() as run:
         monkeypatch.setattr(mlflow, "log_metrics", server_down)

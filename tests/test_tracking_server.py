@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 import lifecycle
-import train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_and_log
 from tests.servers import (
     MlflowServer,
     PostgresServer,
@@ -76,7 +75,7 @@ def test_run_survives_server_and_database_restart(postgres, client_env, tmp_path
     try:
         client_env.setenv("MLFLOW_TRACKING_URI", server.url)
         cfg = tiny_config(data_dir=str(tmp_path / "demo"), epochs=2, export_savedmodel=True)
-        result = train.run_training(cfg)
+        result = train_and_log(cfg)
 
         server.stop()
         postgres.stop()

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+import engine.training
 import train
-from tests.conftest import tiny_config
+from engine.config import UserError
+from engine.sources import make_demo_data
+from tests.conftest import tiny_config, train_and_log
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -69,11 +72,11 @@ def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
 def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):
     root = tmp_path / "shapes"
     for c, name in enumerate(["circle", "square", "triangle"]):
-        train.make_demo_data(tmp_path / name, 8, 24, seed=c)
+        make_demo_data(tmp_path / name, 8, 24, seed=c)
         root.mkdir(exist_ok=True)
         (tmp_path / name / "parasitized").rename(root / name)
     cfg = tiny_config(data_source="imagedir", data_dir=str(root), val_split=0.25)
-    result = train.run_training(cfg)
+    result = train_and_log(cfg)
     client = MlflowClient()
     assert client.get_run(result.run_id).data.params["num_classes"] == "3"
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
@@ -86,9 +89,9 @@ def test_failed_run_is_marked_failed_and_registers_nothing(tracking_store, tmp_p
     def broken_evaluation(*args, **kwargs):
         raise RuntimeError("disk full while plotting")
 
-    monkeypatch.setattr(train, "_log_evaluation", broken_evaluation)
+    monkeypatch.setattr(engine.training, "log_evaluation", broken_evaluation)
     with pytest.raises(RuntimeError, match="disk full"):
-        train.run_training(tiny_config(data_dir=str(tmp_path / "demo")))
+        train_and_log(tiny_config(data_dir=str(tmp_path / "demo")))
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
@@ -96,16 +99,16 @@ def test_failed_run_is_marked_failed_and_registers_nothing(tracking_store, tmp_p
 
 
 def test_bad_data_fails_before_any_run(tracking_store, tmp_path):
-    with pytest.raises(train.UserError, match="does not exist"):
-        train.run_training(tiny_config(data_source="imagedir", data_dir=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="does not exist"):
+        train_and_log(tiny_config(data_source="imagedir", data_dir=str(tmp_path / "nope")))
     assert MlflowClient().get_experiment_by_name("tests") is None
 
 
 def test_unreachable_server_fails_in_seconds(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    with pytest.raises(train.UserError) as caught:
-        train.run_training(tiny_config(data_dir=str(tmp_path / "demo")))
+    with pytest.raises(UserError) as caught:
+        train_and_log(tiny_config(data_dir=str(tmp_path / "demo")))
     assert time.monotonic() - started < 10
     assert "is unreachable" in str(caught.value) and "make server" in str(caught.value)
     assert not (tmp_path / "demo").exists(), "no work may start before the check"
@@ -119,7 +122,7 @@ def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypat
     client.log_param(launched.info.run_id, "run_name", "''")
     client.log_param(launched.info.run_id, "epochs", "1")
     monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
-    result = train.run_training(tiny_config(data_dir=str(tmp_path / "demo"),
+    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"),
                                             registered_model_name=""))  # fmt: skip
     assert result.run_id == launched.info.run_id
     assert result.model_version is None
@@ -131,7 +134,7 @@ def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypat
 def test_training_against_a_real_tracking_server(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    result = train.run_training(tiny_config(data_dir=str(tmp_path / "demo"),
+    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"),
                                             registered_model_name="served"))  # fmt: skip
     client = MlflowClient(mlflow_server)
     assert client.get_run(result.run_id).info.status == "FINISHED"

@@ -1,0 +1,23 @@
+"""The template's engine: everything a run needs besides the forker's train.py.
+
+train.py hands its Config class and its two functions to the engine, e.g.
+`engine.cli.main(Config, load_data, define_network)`; nothing in this package
+imports train.py or lifecycle.py. One module per concern:
+
+    config      RunConfig (the engine's own knobs), UserError, flags made from a Config
+    images      decoding, resizing, splitting; the tf.data pipelines every source ends in
+    sources     the built-in data sources: imagedir, dataframe, arrays, tfds, demo
+    network     the network contract: checked before a run, compiled when uncompiled
+    evaluation  metrics (scikit-learn) and plots
+    tracking    where runs go, per-epoch metrics, logging and registering the model
+    training    run_training(cfg, load_data, define_network)
+    cli         main(): flags, errors without tracebacks, signals
+    mlproject   the MLproject `main` entry point, written from a Config
+
+Importing `engine` (or any module of it) sets nothing: no environment variable,
+no log level, no signal handler. Those happen in cli.main().
+"""
+
+from engine.config import RunConfig, UserError, knob
+
+__all__ = ["RunConfig", "UserError", "knob"]

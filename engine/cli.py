@@ -1,0 +1,55 @@
+"""The training command line: flags from the Config, a run, a summary, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import warnings
+
+from engine.config import UserError, parse_config
+
+
+def main(
+    config_cls: type,
+    load_data,
+    define_network,
+    argv: list[str] | None = None,
+    description: str = "",
+) -> int:
+    """Parse flags into config_cls, train with the two functions, print what a user needs.
+
+    Returns:
+        0 on success, 2 for a problem the user can fix (its message printed, no traceback).
+    """
+    cfg = parse_config(config_cls, argv, description)
+    # Set here, not on import: hide TensorFlow's C++ start-up chatter where it still can be.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The pipelines drop undecodable files, so their length is unknown until a first
+    # pass ends, and Keras then warns that the input "ran out of data". Harmless.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
+    # SIGTERM (docker stop, kill, a job scheduler) unwinds like an exception, so
+    # `with mlflow.start_run()` marks the run FAILED instead of leaving it RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    from engine.training import run_training
+
+    started = time.time()
+    try:
+        result = run_training(cfg, load_data, define_network)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\ndone in {time.time() - started:.0f} s")
+    print(f"run_id: {result.run_id}")
+    if result.model_version:
+        print(f"registered model: {cfg.registered_model_name} version {result.model_version}"
+              + (f" (alias {cfg.model_alias})" if cfg.model_alias else ""))  # fmt: skip
+    if "val_accuracy" in result.metrics:
+        print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"see it: make ui, or mlflow ui --backend-store-uri {result.tracking_uri} "
+              "--port 5000, then open http://127.0.0.1:5000")  # fmt: skip
+    else:
+        print(f"see it: {result.tracking_uri}")
+    return 0

@@ -1,0 +1,148 @@
+"""The engine's knobs, and command-line flags made from any Config dataclass.
+
+A fork's `Config` subclasses RunConfig and adds the knobs of its own data and
+network. Every field is declared once, with its help text, and becomes a typed
+flag (`--kebab-case` and `--snake_case`) and an MLproject parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad parameter, missing data, unreachable server).
+
+    The command lines print its message without a traceback and exit with status 2.
+    """
+
+
+def knob(default: Any, help_text: str) -> Any:
+    """A Config field with its help text (shown by --help)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class RunConfig:
+    """The knobs the engine itself reads: data handling, the training loop, tracking.
+
+    Redeclare a field in a subclass to change its default.
+    """
+
+    # data handling (any source)
+    image_size: int = knob(128, "images are resized to image_size x image_size")
+    channels: int = knob(3, "1 (grayscale) or 3 (RGB); images are converted to this")
+    val_split: float = knob(0.2, "fraction of the data held out for validation")
+    training_samples: int = knob(0, "use at most this many training images (0 = all)")
+    validation_samples: int = knob(0, "use at most this many validation images (0 = all)")
+    cache: bool = knob(True, "keep decoded images in memory after the first epoch")
+    # training loop
+    epochs: int = knob(5, "passes over the training data")
+    batch_size: int = knob(32, "images per batch on each device")
+    learning_rate: float = knob(1e-3, "Adam learning rate (when define_network does not compile)")
+    seed: int = knob(42, "seeds Python, NumPy, TensorFlow and the data split")
+    mixed_precision: str = knob("auto", "float16 compute: auto (on with a GPU), true or false")
+    xla: bool = knob(False, "compile the training step with XLA")
+    distribute: bool = knob(True, "train on all visible GPUs with MirroredStrategy")
+    # tracking
+    experiment_name: str = knob("image-classifier", "MLflow experiment (ignored under mlflow run)")
+    run_name: str = knob("", "MLflow run name (default: the network's name and the data source)")
+    registered_model_name: str = knob(
+        "image-classifier", "register the model under this name ('' = do not register)"
+    )
+    model_alias: str = knob("candidate", "alias given to the new model version")
+    export_savedmodel: bool = knob(True, "also log a TensorFlow Serving SavedModel")
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad value and what would be accepted.
+
+        A subclass extends this for its own knobs and calls super().validate().
+        """
+        checks = [
+            (self.epochs >= 1, f"epochs must be a positive integer, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size}"),
+            (self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}"),
+            (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
+            (0 < self.val_split < 1, f"val_split must be between 0 and 1, got {self.val_split}"),
+            (self.training_samples >= 0 and self.validation_samples >= 0,
+             "training_samples and validation_samples must be 0 (all) or positive"),
+            (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (self.mixed_precision in ("auto", "true", "false"),
+             f"mixed_precision must be auto, true or false, got '{self.mixed_precision}'"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+# ----------------------------------------------------------------------------
+# Flags: one typed flag per field
+# ----------------------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, 1/0, on/off (any case) -> bool; anything else is an error."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, yes/no or 1/0, got '{text}'")
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": parse_bool}
+
+
+def field_type(f: dataclasses.Field) -> str:
+    """A Config field's type name: int, float, str or bool."""
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    if name not in _FIELD_TYPES:
+        raise TypeError(f"Config field {f.name} has type {name}; use int, float, str or bool")
+    return name
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_cls: type, names: Collection[str] | None = None
+) -> None:
+    """Add a typed flag for each field of config_cls (or those in `names`), with help and default.
+
+    Both spellings are accepted: --data-source, and --data_source, which is what
+    `mlflow run -P name=value` passes for a parameter its entry point does not declare.
+    """
+    for f in fields(config_cls):
+        if names is not None and f.name not in names:
+            continue
+        kind = field_type(f)
+        spellings = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
+        parser.add_argument(
+            *spellings,
+            dest=f.name,
+            type=_FIELD_TYPES[kind],
+            default=f.default,
+            metavar=kind.upper(),
+            help=f.metadata.get("help", ""),
+        )
+
+
+def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
+    """An argument parser with one flag per Config field, defaults shown in --help."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_config_flags(parser, config_cls)
+    return parser
+
+
+def parse_config(config_cls: type, argv: list[str] | None = None, description: str = "") -> Any:
+    """Command-line flags -> a config_cls instance (argparse exits on a bad type)."""
+    return config_cls(**vars(build_parser(config_cls, description).parse_args(argv)))
+
+
+def config_from(config_cls: type, values: dict[str, Any]) -> Any:
+    """A config_cls with its defaults, overridden by those of `values` that it has."""
+    names = {f.name for f in fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,155 @@
+"""The network contract, checked before any MLflow run exists.
+
+define_network(input_shape, num_classes, cfg) returns a keras.Model that takes a
+batch of raw pixels (float32, 0..255, shape (None, *input_shape)) and outputs
+class probabilities, in one of two shapes:
+
+    (None, 1)            two classes: one sigmoid unit, the probability of class 1
+    (None, num_classes)  K softmax units (K = 2 included), one probability per class
+
+It may come compiled or not. An uncompiled model is compiled here to fit its
+output (binary or categorical cross-entropy, Adam at cfg.learning_rate, accuracy,
+AUC, precision and recall). Labels are encoded to match the head, and every later
+step (evaluation, plots, predict, serve) reads probabilities through
+`class_probabilities`, so the two shapes behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from engine.config import RunConfig, UserError
+
+CONTRACT = (
+    "define_network(input_shape, num_classes, cfg) must return a keras.Model whose "
+    "output is (batch, 1) sigmoid probabilities for two classes, or (batch, num_classes) "
+    "softmax probabilities; compiled or not (an uncompiled model is compiled to fit)."
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    """How a model's output and its labels are shaped."""
+
+    units: int  # 1 (sigmoid, two classes) or the number of classes (softmax)
+    sparse_labels: bool  # a compiled model whose loss takes class indices, not one-hot rows
+
+    @property
+    def binary(self) -> bool:
+        return self.units == 1
+
+
+def _loss_name(loss: Any) -> str:
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None) or getattr(loss, "__name__", "") or type(loss).__name__
+
+
+def build_network(
+    define_network: Callable[..., Any],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    cfg: RunConfig,
+) -> tuple[keras.Model, Head]:
+    """Call define_network, check its model against the contract, compile it if needed.
+
+    Call it inside the distribution strategy's scope.
+
+    Raises:
+        UserError: the model breaks the contract (wrong type, output shape, or outputs
+            that are not probabilities); the message states the contract.
+    """
+    try:
+        model = define_network(input_shape, num_classes, cfg)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"define_network{(input_shape, num_classes)} failed: {err}\n{CONTRACT}"
+        ) from err
+    if not isinstance(model, keras.Model):
+        raise UserError(f"define_network returned {type(model).__name__}, not a model. {CONTRACT}")
+    head = check_outputs(model, input_shape, num_classes)
+    if not model.compiled:
+        compile_for_head(model, head, cfg)
+        return model, head
+    sparse = "sparse" in _loss_name(model.loss)
+    if head.binary and sparse:
+        raise UserError(
+            f"the model has one output unit but is compiled with {_loss_name(model.loss)}; "
+            "use binary_crossentropy (or return it uncompiled). " + CONTRACT
+        )
+    return model, Head(head.units, sparse)
+
+
+def check_outputs(model: keras.Model, input_shape: tuple[int, ...], num_classes: int) -> Head:
+    """Run the model on two random images; its outputs must be probabilities of the right shape."""
+    images = np.random.default_rng(0).uniform(0, 255, (2, *input_shape)).astype("float32")
+    try:
+        outputs = np.asarray(model(images, training=False), dtype=np.float64)
+    except Exception as err:
+        raise UserError(
+            f"the model does not accept images of shape {input_shape}: {err}\n{CONTRACT}"
+        ) from err
+    units = outputs.shape[-1] if outputs.ndim == 2 else None
+    wanted = "1 or 2" if num_classes == 2 else str(num_classes)
+    if units is None or (units != num_classes and not (units == 1 and num_classes == 2)):
+        raise UserError(
+            f"the model outputs shape {tuple(outputs.shape)} for a batch of 2, but the data "
+            f"has {num_classes} classes, so the output must be (2, {wanted}). {CONTRACT}"
+        )
+    if not np.all((outputs >= -1e-3) & (outputs <= 1 + 1e-3)):
+        raise UserError(
+            "the model's outputs are not probabilities (values outside 0..1): end it with "
+            f"a sigmoid or softmax activation. {CONTRACT}"
+        )
+    if units > 1 and not np.allclose(outputs.sum(axis=1), 1.0, atol=1e-2):
+        raise UserError(
+            f"the model's {units} outputs do not sum to 1: end it with a softmax. {CONTRACT}"
+        )
+    return Head(units, sparse_labels=False)
+
+
+def compile_for_head(model: keras.Model, head: Head, cfg: RunConfig) -> None:
+    """Compile an uncompiled model: cross-entropy to fit its head, Adam, four metrics."""
+    accuracy = (
+        keras.metrics.BinaryAccuracy(name="accuracy")
+        if head.binary
+        else keras.metrics.CategoricalAccuracy(name="accuracy")
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss="binary_crossentropy" if head.binary else "categorical_crossentropy",
+        metrics=[
+            accuracy,
+            keras.metrics.AUC(name="auc", num_thresholds=1000),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+        jit_compile=cfg.xla,
+    )
+
+
+def encode_labels(ds: tf.data.Dataset, head: Head, num_classes: int) -> tf.data.Dataset:
+    """(images, class index) batches -> labels shaped for the head's loss."""
+    if head.binary:
+        return ds.map(lambda x, y: (x, tf.cast(y, tf.float32)[..., tf.newaxis]))
+    if head.sparse_labels:
+        return ds
+    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs -> (N, K) class probabilities; a single sigmoid column becomes two."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 1:
+        outputs = outputs[:, None]
+    if outputs.shape[1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
+    return outputs

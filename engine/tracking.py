@@ -1,0 +1,179 @@
+"""Where runs go, what each run logs per epoch, and logging and registering the model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from engine.config import UserError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def local_tracking_uri() -> str:
+    """The embedded default store: mlflow.db in the project folder (what `make ui` reads)."""
+    return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+
+
+def configure_tracking(timeout: float = 5.0) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI or the local store; fail fast if unreachable.
+
+    Returns:
+        The tracking URI in use.
+
+    Raises:
+        UserError: an http(s) tracking server gave no answer within `timeout` seconds.
+    """
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        except urllib.error.HTTPError:
+            pass  # it answered (an auth proxy may say 401): it is reachable
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(
+                f"the MLflow tracking server at {uri} is unreachable ({reason}). Start it "
+                "(for example `make server`), fix MLFLOW_TRACKING_URI, or unset it to log "
+                "to the local store in this folder. Nothing was trained."
+            ) from err
+    return uri
+
+
+def set_experiment(name: str, uri: str) -> None:
+    """Use experiment `name`, keeping a local store's artifacts next to its database."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return  # `mlflow run` already created the run in its experiment
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        db_dir = Path(uri.removeprefix("sqlite:///")).parent
+        mlflow.create_experiment(name, artifact_location=(db_dir / "mlruns").as_uri())
+    mlflow.set_experiment(name)
+
+
+def git_commit() -> str:
+    """The project folder's git commit, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+            check=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_new_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log the params the run does not have yet.
+
+    `mlflow run` has logged its entry point's parameters already (shell-quoted, so ''
+    reads "''"), and a logged parameter may not change.
+    """
+    import mlflow
+
+    logged = mlflow.get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+class MlflowMetrics(keras.callbacks.Callback):
+    """Log every epoch's train and validation metrics with step=epoch.
+
+    When the tracking server does not answer, the epoch's metrics are kept and sent
+    with the next epoch's, so a server restart mid-run loses nothing; the last try
+    happens in flush() at the end of training.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.pending.append((epoch, {k: float(v) for k, v in (logs or {}).items()}))
+        self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        import mlflow
+
+        while self.pending:
+            epoch, metrics = self.pending[0]
+            try:
+                mlflow.log_metrics(metrics, step=epoch)
+            except Exception as err:
+                if final:
+                    raise
+                print(f"warning: could not log epoch {epoch} metrics ({err}); will retry")
+                return
+            self.pending.pop(0)
+
+
+def export_tf_serving(model: keras.Model, directory: str | Path, version: int = 1) -> Path:
+    """Write a Keras model as a TF Serving SavedModel in directory/version.
+
+    TF Serving loads numbered version folders under a model's base path and serves
+    the `serving_default` signature; Keras 3's export writes it. The model takes raw
+    pixels 0..255 (float32, shape (None, H, W, C)) as in MLflow.
+
+    Returns:
+        The version folder written.
+    """
+    target = Path(directory) / str(version)
+    if target.exists():
+        raise UserError(f"{target} exists; TF Serving versions are immutable, pick --version")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.export(str(target), format="tf_saved_model", verbose=False)
+    return target
+
+
+def log_model(
+    model: keras.Model,
+    example,
+    class_names: list[str],
+    registered_model_name: str,
+    model_alias: str,
+    export_savedmodel: bool,
+) -> tuple[str, str | None]:
+    """Log the model with signature, input example and metadata; register it; set the alias.
+
+    Args:
+        example: one batch of input images (the input example and the signature's shape).
+
+    Returns:
+        (the logged model's URI, the registered version or None when not registered).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    metadata = {
+        "class_names": list(class_names),
+        "image_size": int(example.shape[1]),
+        "channels": int(example.shape[3]),
+    }
+    model_info = mlflow.tensorflow.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        metadata=metadata,
+        registered_model_name=registered_model_name or None,
+    )
+    if export_savedmodel:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_tf_serving(model, tmp)
+            mlflow.log_artifacts(tmp, "tf_serving")
+    version = model_info.registered_model_version
+    if version is not None and model_alias:
+        mlflow.MlflowClient().set_registered_model_alias(
+            registered_model_name, model_alias, str(version)
+        )
+    return model_info.model_uri, None if version is None else str(version)
