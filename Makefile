@@ -105,7 +105,7 @@ MODEL_NAME ?= image-classifier
 MODEL ?= models:/$(MODEL_NAME)@champion
 SERVE_PORT ?= 5001
 
-.PHONY: server server-stop validate predict serve tf-serving reap-runs stack-up stack-down test-server
+.PHONY: server server-stop validate predict serve tf-serving reap-runs stack-secrets stack-up stack-down test-server
 
 server: $(VENV)/.installed ## start a local MLflow server on 127.0.0.1:5000 (SQLite + proxied artifacts)
 	MLFLOW_PORT=$(MLFLOW_PORT) tracking_server/local_server.sh start
@@ -128,8 +128,13 @@ tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="
 reap-runs: $(VENV)/.installed ## mark runs whose process died as FAILED (ARGS="--stale-minutes 60")
 	$(BIN)/python lifecycle.py reap-runs $(ARGS)
 
-stack-up: ## start the team server (MLflow + PostgreSQL + MinIO, tracking_server/.env)
-	@test -f tracking_server/.env || { echo "copy tracking_server/.env.example to tracking_server/.env and set its secrets first"; exit 1; }
+# stack_secrets.py needs only the standard library, so these two run with the host's
+# python3 ($(PYTHON)): a Docker host needs no .venv. stack-up checks before Docker runs.
+stack-secrets: ## write tracking_server/.env with fresh random secrets (mode 0600; keeps an existing one)
+	@$(PYTHON) tracking_server/stack_secrets.py generate tracking_server/.env
+
+stack-up: ## start the team server (MLflow + PostgreSQL + MinIO); refuses missing, example or weak secrets
+	@$(PYTHON) tracking_server/stack_secrets.py check tracking_server/.env
 	docker compose -f tracking_server/compose.yaml up -d --build --wait
 
 stack-down: ## stop the team server (its data stays in named volumes)

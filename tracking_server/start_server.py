@@ -19,6 +19,11 @@ Environment (see .env.example):
     MLFLOW_HOST (0.0.0.0), MLFLOW_PORT (5000), MLFLOW_WORKERS (2)
     MLFLOW_ALLOWED_HOSTS            Host headers to accept (MLflow's default: localhost
                                     and private addresses)
+
+Before anything else it refuses to start, naming every setting to change, while a
+secret (the database password in the URI, the S3 secret key, the admin password, the
+form-signing key) is missing, a value from .env.example or weak: stack_secrets.py, the
+same check `make stack-up` runs on tracking_server/.env before Docker starts.
 """
 
 from __future__ import annotations
@@ -29,14 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REQUIRED = (
-    "MLFLOW_BACKEND_STORE_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "MLFLOW_AUTH_ADMIN_PASSWORD",
-    "MLFLOW_FLASK_SERVER_SECRET_KEY",
-)
+import stack_secrets  # next to this file, here and in the image
+
+# Required settings that are not secrets; stack_secrets checks the secrets.
+REQUIRED = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")
 
 
 def wait_for(what: str, attempt, timeout: float = 120) -> None:
@@ -97,16 +98,13 @@ def auth_config(database_uri: str, default_permission: str) -> Path:
 
 
 def main() -> None:
+    problems = {name: "missing" for name in REQUIRED if not os.environ.get(name)}
+    problems |= stack_secrets.server_problems(os.environ)
+    if problems:
+        raise SystemExit(f"start_server: {stack_secrets.refusal(problems, 'the environment')}")
+
     from sqlalchemy.engine import make_url
 
-    missing = [name for name in REQUIRED if not os.environ.get(name)]
-    if missing:
-        raise SystemExit(
-            f"start_server: set {', '.join(missing)} (copy tracking_server/.env.example to "
-            "tracking_server/.env and fill it in)"
-        )
-    if len(os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]) < 12:
-        raise SystemExit("start_server: MLFLOW_AUTH_ADMIN_PASSWORD needs 12 characters or more")
     backend = os.environ["MLFLOW_BACKEND_STORE_URI"]
     backend_url = make_url(backend)
     auth_uri = os.environ.get("MLFLOW_AUTH_DATABASE_URI") or backend_url.set(
