@@ -45,6 +45,7 @@ def main(
     if result.model_version:
         print(f"registered model: {cfg.registered_model_name} version {result.model_version}"
               + (f" (alias {cfg.model_alias})" if cfg.model_alias else ""))  # fmt: skip
+    print(f"best_epoch: {result.best_epoch + 1}")
     if "val_accuracy" in result.metrics:
         print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
     if result.tracking_uri.startswith("sqlite:"):

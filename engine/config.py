@@ -13,6 +13,13 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# The compute dtypes mixed_precision accepts; true/false are the older spellings of
+# auto/float32.
+PRECISIONS = ("auto", "bfloat16", "float16", "float32", "true", "false")
+# The metrics that can pick the best epoch, and whether lower is better.
+MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_auc": "max",
+            "val_precision": "max", "val_recall": "max"}  # fmt: skip
+
 
 class UserError(Exception):
     """A problem the user can fix (bad parameter, missing data, unreachable server).
@@ -44,10 +51,31 @@ class RunConfig:
     epochs: int = knob(5, "passes over the training data")
     batch_size: int = knob(32, "images per batch on each device")
     learning_rate: float = knob(1e-3, "Adam learning rate (when define_network does not compile)")
+    lr_schedule: str = knob(
+        "cosine", "cosine: decay the learning rate to 0 over the epochs; constant: keep it"
+    )
+    monitor: str = knob(
+        "val_loss", "metric that picks the best epoch, whose weights are logged and registered"
+    )
+    early_stopping_patience: int = knob(
+        0, "stop after this many epochs without a better monitored value (0 = never)"
+    )
     seed: int = knob(42, "seeds Python, NumPy, TensorFlow and the data split")
-    mixed_precision: str = knob("auto", "float16 compute: auto (on with a GPU), true or false")
+    mixed_precision: str = knob(
+        "auto",
+        "compute dtype: auto (bfloat16 on compute capability >= 8.0, float16 on older GPUs, "
+        "float32 on the CPU), bfloat16, float16 or float32",
+    )
     xla: bool = knob(False, "compile the training step with XLA")
     distribute: bool = knob(True, "train on all visible GPUs with MirroredStrategy")
+    # crash recovery
+    checkpoint_dir: str = knob(
+        "",
+        "checkpoints, one sub-folder per run (default /storage/checkpoints when /storage "
+        "is writable, else ./checkpoints)",
+    )
+    resume_run_id: str = knob("", "resume this crashed run from its last checkpoint")
+    keep_checkpoints: bool = knob(False, "keep the run's checkpoint folder after it finishes")
     # tracking
     experiment_name: str = knob("image-classifier", "MLflow experiment (ignored under mlflow run)")
     run_name: str = knob("", "MLflow run name (default: the network's name and the data source)")
@@ -56,6 +84,9 @@ class RunConfig:
     )
     model_alias: str = knob("candidate", "alias given to the new model version")
     export_savedmodel: bool = knob(True, "also log a TensorFlow Serving SavedModel")
+    system_metrics: bool = knob(
+        True, "log CPU, memory, disk, network and GPU use as system/... metrics"
+    )
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value and what would be accepted.
@@ -71,8 +102,15 @@ class RunConfig:
             (self.training_samples >= 0 and self.validation_samples >= 0,
              "training_samples and validation_samples must be 0 (all) or positive"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
-            (self.mixed_precision in ("auto", "true", "false"),
-             f"mixed_precision must be auto, true or false, got '{self.mixed_precision}'"),
+            (self.mixed_precision in PRECISIONS,
+             f"mixed_precision must be one of {', '.join(PRECISIONS)}, "
+             f"got '{self.mixed_precision}'"),
+            (self.lr_schedule in ("cosine", "constant"),
+             f"lr_schedule must be cosine or constant, got '{self.lr_schedule}'"),
+            (self.monitor in MONITORS,
+             f"monitor must be one of {', '.join(MONITORS)}, got '{self.monitor}'"),
+            (self.early_stopping_patience >= 0,
+             "early_stopping_patience must be 0 (off) or a positive number of epochs"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -8,10 +8,11 @@ class probabilities, in one of two shapes:
     (None, num_classes)  K softmax units (K = 2 included), one probability per class
 
 It may come compiled or not. An uncompiled model is compiled here to fit its
-output (binary or categorical cross-entropy, Adam at cfg.learning_rate, accuracy,
-AUC, precision and recall). Labels are encoded to match the head, and every later
-step (evaluation, plots, predict, serve) reads probabilities through
-`class_probabilities`, so the two shapes behave the same everywhere.
+output (binary or categorical cross-entropy, Adam at cfg.learning_rate along
+cfg.lr_schedule, accuracy, AUC, precision and recall). Labels are encoded to match
+the head, and every later step (evaluation, plots, predict, serve) reads
+probabilities through `class_probabilities`, so the two shapes behave the same
+everywhere.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def build_network(
     input_shape: tuple[int, int, int],
     num_classes: int,
     cfg: RunConfig,
+    steps_per_epoch: int = 1,
 ) -> tuple[keras.Model, Head]:
     """Call define_network, check its model against the contract, compile it if needed.
 
-    Call it inside the distribution strategy's scope.
+    Call it inside the distribution strategy's scope. steps_per_epoch sets the length
+    of the learning-rate schedule of a model compiled here.
 
     Raises:
         UserError: the model breaks the contract (wrong type, output shape, or outputs
@@ -77,7 +80,7 @@ def build_network(
         raise UserError(f"define_network returned {type(model).__name__}, not a model. {CONTRACT}")
     head = check_outputs(model, input_shape, num_classes)
     if not model.compiled:
-        compile_for_head(model, head, cfg)
+        compile_for_head(model, head, cfg, steps_per_epoch)
         return model, head
     sparse = "sparse" in _loss_name(model.loss)
     if head.binary and sparse:
@@ -116,7 +119,20 @@ def check_outputs(model: keras.Model, input_shape: tuple[int, ...], num_classes:
     return Head(units, sparse_labels=False)
 
 
-def compile_for_head(model: keras.Model, head: Head, cfg: RunConfig) -> None:
+def learning_rate(
+    cfg: RunConfig, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """cfg.learning_rate, constant or decayed to 0 along a cosine over all training steps."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch)
+    )
+
+
+def compile_for_head(
+    model: keras.Model, head: Head, cfg: RunConfig, steps_per_epoch: int = 1
+) -> None:
     """Compile an uncompiled model: cross-entropy to fit its head, Adam, four metrics."""
     accuracy = (
         keras.metrics.BinaryAccuracy(name="accuracy")
@@ -124,7 +140,7 @@ def compile_for_head(model: keras.Model, head: Head, cfg: RunConfig) -> None:
         else keras.metrics.CategoricalAccuracy(name="accuracy")
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)),
         loss="binary_crossentropy" if head.binary else "categorical_crossentropy",
         metrics=[
             accuracy,

@@ -1,18 +1,23 @@
 """run_training(cfg, load_data, define_network): from data to a registered model.
 
 Everything that can be checked is checked before an MLflow run exists: the
-config, the tracking server, the data (load_data's contract) and the network
-(define_network's contract). A model is registered only after training and
-evaluation succeed, so a failed run never gets a model version.
+config, the tracking server, the data (load_data's contract), the network
+(define_network's contract) and the monitored metric. Every epoch is checkpointed,
+so a crashed run resumes into the same MLflow run (--resume-run-id). The model
+logged and registered is the best epoch's by cfg.monitor, and only after training
+and evaluation succeed, so a failed run never gets a model version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import evaluation, tracking
+from engine import checkpoints, evaluation, tracking
 from engine.config import RunConfig, UserError
 from engine.images import DataInfo
 from engine.network import build_network, class_probabilities, encode_labels
@@ -43,8 +48,9 @@ class TrainResult:
     run_id: str
     model_uri: str  # the logged model (models:/m-...), what MLflow loads
     model_version: str | None  # registered version, None when not registered
-    metrics: dict[str, float]  # the last epoch's metrics
+    metrics: dict[str, float]  # the best epoch's metrics
     tracking_uri: str
+    best_epoch: int  # 0-based, as the metrics' steps
 
 
 def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
@@ -55,13 +61,35 @@ def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def compute_dtype(setting: str, capabilities: list[tuple[int, int]]) -> str:
+    """float32, bfloat16 or float16 for a mixed_precision setting and the GPUs' compute
+    capabilities (an empty list on the CPU).
+
+    auto (or true) picks bfloat16 on compute capability 8.0 and newer (Ampere, Hopper:
+    no loss scaling needed), float16 on older GPUs, float32 on the CPU.
+    """
+    if setting in ("float32", "false"):
+        return "float32"
+    if not capabilities:
+        if setting != "auto":
+            print(f"note: {setting} compute needs a GPU; training in float32")
+        return "float32"
+    if setting in ("bfloat16", "float16"):
+        return setting
+    return "bfloat16" if min(capabilities) >= (8, 0) else "float16"
+
+
 def set_precision(cfg: RunConfig) -> str:
-    """Set Keras' global dtype policy: mixed_float16 on a GPU when asked, else float32."""
-    has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    wanted = cfg.mixed_precision == "true" or (cfg.mixed_precision == "auto" and has_gpu)
-    if wanted and not has_gpu:
-        print("note: mixed precision needs a GPU; training in float32")
-    policy = "mixed_float16" if wanted and has_gpu else "float32"
+    """Set Keras' global dtype policy from cfg.mixed_precision; return the policy's name.
+
+    Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer at compile time.
+    """
+    capabilities = [
+        tuple(tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0))
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+    dtype = compute_dtype(cfg.mixed_precision, capabilities)
+    policy = "float32" if dtype == "float32" else f"mixed_{dtype}"
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
@@ -99,13 +127,107 @@ def check_data(result: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]
     return train_ds, val_ds, info
 
 
-def run_training(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) -> TrainResult:
-    """Check everything, train, evaluate and log one run; register its model.
+class EpochTimer(keras.callbacks.Callback):
+    """Add epoch_seconds and images_per_second (training images / wall time) to each epoch."""
+
+    def __init__(self, train_count: int):
+        super().__init__()
+        self.train_count, self.started = train_count, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        if logs is not None:
+            logs["epoch_seconds"] = seconds
+            logs["images_per_second"] = self.train_count / max(seconds, 1e-9)
+
+
+def check_monitor(model: keras.Model, val_ds: tf.data.Dataset, head, info, monitor: str) -> None:
+    """The monitored metric must be one the compiled model reports; checked on one batch."""
+    names = model.evaluate(
+        encode_labels(val_ds.take(1), head, info.num_classes), verbose=0, return_dict=True
+    )
+    if monitor.removeprefix("val_") not in names:
+        raise UserError(
+            f"monitor '{monitor}' is not reported by the compiled model, whose metrics are "
+            f"{', '.join('val_' + n for n in sorted(names))}; set --monitor to one of those, "
+            "or compile the model with that metric"
+        )
+
+
+def resumed_config(cfg: RunConfig, state: checkpoints.TrainingState) -> RunConfig:
+    """The crashed run's own config; only where checkpoints go and whether they stay is new."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    saved = {k: v for k, v in state.config.items() if k in names}
+    keep = ("resume_run_id", "checkpoint_dir", "keep_checkpoints")
+    return dataclasses.replace(cfg, **{**saved, **{k: getattr(cfg, k) for k in keep}})
+
+
+def open_resumed_run(run_id: str):
+    """The crashed run, checked to exist and not to have finished."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise UserError(f"run {run_id} is not in {mlflow.get_tracking_uri()}: {err}") from err
+    if run.info.status == "FINISHED":
+        raise UserError(f"run {run_id} has finished; there is nothing to resume")
+    return run
+
+
+def log_missing_epochs(run_id: str, state: checkpoints.TrainingState) -> int:
+    """Log the checkpointed epochs' metrics that the run lacks (a crash between the
+    checkpoint and the log); returns how many epochs needed it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    missing: dict[int, dict[str, float]] = {}
+    for name, values in state.history.items():
+        logged = {m.step for m in client.get_metric_history(run_id, name)}
+        for step, value in enumerate(values):
+            if step not in logged:
+                missing.setdefault(step, {})[name] = value
+    for step, metrics in sorted(missing.items()):
+        mlflow.log_metrics(metrics, step=step)
+    return len(missing)
+
+
+def say_how_to_resume(run_id: str, cfg: RunConfig) -> None:
+    """Tag the stopped run as resumable and print the command that resumes it."""
+    import mlflow
+
+    command = f"python train.py --resume-run-id {run_id}"
+    if cfg.checkpoint_dir:
+        command += f" --checkpoint-dir {cfg.checkpoint_dir}"
+    with contextlib.suppress(Exception):  # the server may be what failed
+        mlflow.set_tag("resume_command", command)
+    print(f"\nrun {run_id} stopped after a checkpoint; resume it with:\n  {command}",
+          file=sys.stderr)  # fmt: skip
+
+
+def run_training(
+    cfg: RunConfig,
+    load_data: LoadData,
+    define_network: DefineNetwork,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Check everything, train, evaluate and log one run; register its best epoch's model.
+
+    With cfg.resume_run_id, reopen that crashed run and go on from its last checkpoint,
+    with its own config.
 
     Args:
         cfg: the run's Config (a RunConfig subclass, so the engine's knobs are there).
         load_data: cfg -> (train_ds, val_ds, info), see DATA_CONTRACT.
         define_network: (input_shape, num_classes, cfg) -> keras.Model, see engine.network.
+        callbacks: more Keras callbacks, called after an epoch is checkpointed and logged
+            (a tuner's pruning callback sets model.stop_training).
+        tags: more tags for the run (e.g. mlflow.parentRunId for a tuning trial).
 
     Raises:
         UserError: a bad parameter, data, network or tracking server, before any run.
@@ -114,6 +236,15 @@ def run_training(cfg: RunConfig, load_data: LoadData, define_network: DefineNetw
 
     cfg.validate()
     tracking_uri = tracking.configure_tracking()
+    root = checkpoints.checkpoint_root(cfg.checkpoint_dir)
+    state = checkpoints.TrainingState(config=dataclasses.asdict(cfg))
+    if cfg.resume_run_id:
+        checkpoints.find_checkpoint(root, cfg.resume_run_id)
+        open_resumed_run(cfg.resume_run_id)
+        state = checkpoints.TrainingState.load(root / cfg.resume_run_id)
+        cfg = resumed_config(cfg, state)
+        print(f"resuming run {cfg.resume_run_id} after epoch {state.epoch + 1} of {cfg.epochs} "
+              "with its own config")  # fmt: skip
     keras.utils.set_random_seed(cfg.seed)
     strategy = choose_strategy(cfg)
     replicas = strategy.num_replicas_in_sync
@@ -126,22 +257,46 @@ def run_training(cfg: RunConfig, load_data: LoadData, define_network: DefineNetw
           f"classes {info.class_names}, shape {info.image_shape}")  # fmt: skip
 
     print("building the network ...")
+    steps_per_epoch = math.ceil(info.train_count / global_cfg.batch_size)
     with strategy.scope():
-        model, head = build_network(define_network, info.image_shape, info.num_classes, cfg)
+        model, head = build_network(
+            define_network, info.image_shape, info.num_classes, cfg, steps_per_epoch
+        )
     outputs = "one sigmoid output" if head.binary else f"{head.units} softmax outputs"
-    print(f"  {model.name}: {model.count_params():,} parameters, {outputs}")
+    print(f"  {model.name}: {model.count_params():,} parameters, {outputs}, {policy}")
+    check_monitor(model, val_ds, head, info, cfg.monitor)
 
-    tracking.set_experiment(cfg.experiment_name, tracking_uri)
-    source = info.source or "data"
-    with mlflow.start_run(run_name=cfg.run_name or f"{model.name}-{source}") as run:
-        print(f"logging to {tracking_uri}, run {run.info.run_id}")
+    best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
+    if cfg.resume_run_id:
+        if os.environ.get("MLFLOW_RUN_ID", cfg.resume_run_id) != cfg.resume_run_id:
+            # `mlflow run -P resume_run_id=...` made a run of its own: say where it went
+            mlflow.MlflowClient().set_tag(
+                os.environ["MLFLOW_RUN_ID"], "resumed_run_id", cfg.resume_run_id
+            )
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        run_context = mlflow.start_run(
+            run_id=cfg.resume_run_id, log_system_metrics=cfg.system_metrics
+        )
+    else:
+        tracking.set_experiment(cfg.experiment_name, tracking_uri)
+        source = info.source or "data"
+        run_context = mlflow.start_run(
+            run_name=cfg.run_name or f"{model.name}-{source}",
+            log_system_metrics=cfg.system_metrics,
+        )
+    with run_context as run:
+        run_id = run.info.run_id
+        folder = root / run_id
+        print(f"logging to {tracking_uri}, run {run_id}")
         mlflow.set_tags({
-            "git_commit": tracking.git_commit(), "data_source": source, "network": model.name,
+            "git_commit": tracking.git_commit(), "data_source": info.source or "data",
+            "network": model.name, "checkpoint_dir": str(folder),
             # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
             "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            **(tags or {}),
         })  # fmt: skip
-        tracking.log_new_params(run.info.run_id, dataclasses.asdict(cfg))
-        mlflow.log_params({
+        tracking.log_new_params(run_id, dataclasses.asdict(cfg))
+        tracking.log_new_params(run_id, {
             "num_classes": info.num_classes, "class_names": ",".join(info.class_names),
             "train_count": info.train_count, "val_count": info.val_count,
             "skipped_files": len(info.skipped_files), "replicas": replicas,
@@ -152,33 +307,59 @@ def run_training(cfg: RunConfig, load_data: LoadData, define_network: DefineNetw
         model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
         mlflow.log_text("\n".join(lines), "model_summary.txt")
 
-        print(f"training for {cfg.epochs} epoch(s) ...")
+        initial_epoch = 0
+        if cfg.resume_run_id:
+            checkpoints.resume(model, folder, best)
+            initial_epoch = state.epoch + 1
+            if log_missing_epochs(run_id, state):
+                print("  logged the metrics of a checkpointed epoch the crash had not sent")
+
+        print(f"training for {cfg.epochs - initial_epoch} epoch(s), "
+              f"the best by {cfg.monitor} is kept ...")  # fmt: skip
         metrics_logger = tracking.MlflowMetrics()
-        history = model.fit(
-            encode_labels(train_ds, head, info.num_classes),
-            validation_data=encode_labels(val_ds, head, info.num_classes),
-            epochs=cfg.epochs,
-            callbacks=[metrics_logger],
-            shuffle=False,  # train_ds reshuffles itself every epoch
-            verbose="auto" if sys.stdout.isatty() else 2,
-        )
+        # order matters: time the epoch, pick the best, checkpoint, then log
+        all_callbacks = [EpochTimer(info.train_count), best,
+                         checkpoints.Checkpointer(folder, state, best), metrics_logger,
+                         *(callbacks or [])]  # fmt: skip
+        try:
+            model.fit(
+                encode_labels(train_ds, head, info.num_classes),
+                validation_data=encode_labels(val_ds, head, info.num_classes),
+                epochs=cfg.epochs,
+                initial_epoch=initial_epoch,
+                callbacks=all_callbacks,
+                shuffle=False,  # train_ds reshuffles itself every epoch
+                verbose="auto" if sys.stdout.isatty() else 2,
+            )
+        except BaseException:  # SIGTERM arrives as SystemExit, Ctrl-C as KeyboardInterrupt
+            if state.epoch >= 0:
+                say_how_to_resume(run_id, cfg)
+            raise
         metrics_logger.flush()
+        best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
+        mlflow.log_metric("best_epoch", state.best_epoch)
+        mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()
+                            if k.startswith("val_")})  # fmt: skip
+        print(f"best epoch: {state.best_epoch + 1} of {state.epoch + 1} "
+              f"({cfg.monitor} {state.best_value:.4f}); its weights are logged")  # fmt: skip
 
         print("evaluating and logging plots and the model ...")
-        result_metrics = {k: float(v[-1]) for k, v in history.history.items()}
-        log_evaluation(model, val_ds, info, history.history)
+        log_evaluation(model, val_ds, info, state.history)
         example = next(iter(val_ds))[0].numpy()[:1].astype(np.float32)
         model_uri, model_version = tracking.log_model(
             model, example, info.class_names, cfg.registered_model_name, cfg.model_alias,
             cfg.export_savedmodel,
         )  # fmt: skip
+    if not cfg.keep_checkpoints:
+        checkpoints.remove(folder)
 
     return TrainResult(
-        run_id=run.info.run_id,
+        run_id=run_id,
         model_uri=model_uri,
         model_version=model_version,
-        metrics=result_metrics,
+        metrics=best_metrics,
         tracking_uri=tracking_uri,
+        best_epoch=state.best_epoch,
     )
 
 

@@ -99,7 +99,7 @@ def test_mlproject_command_parses_to_the_defaults():
         ({"data_source": "s3"}, "data_source 's3' is unknown; use one of: tfds"),
         ({"weights": "random"}, "weights must be 'imagenet' or 'none'"),
         ({"val_split": 1.5}, "val_split must be between 0 and 1"),
-        ({"mixed_precision": "maybe"}, "mixed_precision must be auto, true or false"),
+        ({"mixed_precision": "maybe"}, "mixed_precision must be one of auto, bfloat16, float16"),
         ({"convolutions": 0, "image_size": 16}, "VGG16 (convolutions=0) needs image_size >= 32"),
         ({"convolutions": -1}, "convolutions must be 0 (VGG16) or a positive number"),
     ],

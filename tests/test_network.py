@@ -8,7 +8,6 @@ import pytest
 
 import train
 from engine.network import build_network
-from engine.training import choose_strategy, set_precision
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.example
@@ -53,15 +52,3 @@ def test_vgg16_transfer_learning_freezes_the_base(fine_tune_layers):
     expected = [layer.name for layer in base.layers[-fine_tune_layers:] if layer.weights]
     assert trainable == (expected if fine_tune_layers else [])
     assert model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0).shape == (2, 3)
-
-
-def test_mixed_precision_falls_back_to_float32_on_cpu(capsys):
-    assert set_precision(tiny_config(mixed_precision="auto")) == "float32"
-    assert set_precision(tiny_config(mixed_precision="true")) == "float32"
-    assert "mixed precision needs a GPU" in capsys.readouterr().out
-    assert keras.mixed_precision.global_policy().name == "float32"
-
-
-def test_strategy_is_default_without_several_gpus():
-    strategy = choose_strategy(tiny_config(distribute=True))
-    assert strategy.num_replicas_in_sync == 1
