@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from engine import provenance
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's C++ start-up chatter
 
@@ -720,16 +721,6 @@ def _set_experiment(name: str, uri: str) -> None:
     mlflow.set_experiment(name)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-            check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 class MlflowMetrics(keras.callbacks.Callback):
     """Log every epoch's train and validation metrics with step=epoch.
 
@@ -895,8 +886,9 @@ def run_training(cfg: Config) -> TrainResult:
     run_name = cfg.run_name or f"{network_name(cfg)}-{cfg.data_source}"
     with mlflow.start_run(run_name=run_name) as run:
         print(f"logging to {tracking_uri}, run {run.info.run_id}")
+        code = provenance.check_and_tag(run.info.run_id, PROJECT_DIR)  # stops a stale image
         mlflow.set_tags({
-            "git_commit": git_commit(), "data_source": cfg.data_source,
+            "git_commit": code["commit"], "data_source": cfg.data_source,
             "network": network_name(cfg),
             # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
             "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
@@ -1078,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         result = run_training(cfg)
-    except UserError as err:
+    except (UserError, provenance.ProvenanceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\ndone in {time.time() - started:.0f} s")
