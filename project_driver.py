@@ -2,12 +2,17 @@
 
 Usage:
     ./project_driver.bash -P epochs=3                 # one run (make run ARGS="-P epochs=3")
+    ./project_driver.bash --git-url URL --version SHA -P epochs=3   # a version from git
     python project_driver.py plan -P epochs=3         # what project_driver.bash evaluates
     python project_driver.py check                    # does the tracking server answer?
+    python project_driver.py build                    # the image for the code here (make build)
     python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
     python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
 
-Before anything starts, the driver decides, and says in one line each:
+Before anything starts, the driver checks the tracking server, builds the image for the
+code it runs (seconds when only code changed; tagged NAME:latest and NAME:code-<hash>,
+with the code's commit and content hash baked in, see engine/provenance.py), and decides,
+saying in one line each:
   GPU       --gpus all when Docker has an NVIDIA runtime, else the CPU (GPUS=none|all|device=N
             overrides); a sweep on several GPUs gives each run its own (--gpus device=N);
   tracking  the MLflow server must answer within seconds; one on this host's loopback
@@ -15,7 +20,7 @@ Before anything starts, the driver decides, and says in one line each:
             DOCKER_NETWORK=bridge, through the Docker bridge gateway address;
   user      the container runs as the caller's uid:gid (the image's `trainer` user when the
             caller is root), so files it writes on mounted folders are not root-owned;
-  storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists.
+  storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists;
 Nothing else from the host is mounted: no home folder, no ~/.pgpass, no keys.
 
 The pure decisions (docker args, the tracking URI, the sweep grid) are functions that
@@ -28,10 +33,12 @@ import argparse
 import ipaddress
 import itertools
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +48,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+
+from engine import provenance
 
 PROJECT_DIR = Path(__file__).resolve().parent
 # The uid of the `trainer` user that Dockerfile creates (its USER_UID build arg).
@@ -251,7 +260,7 @@ def storage_docker_args(storage_dir: str) -> tuple[dict[str, str], str]:
 
 
 # docker run flags that several names spell; a user's -A for any of them wins.
-_ALIASES = {"v": "volume", "u": "user", "net": "network"}
+_ALIASES = {"v": "volume", "u": "user", "net": "network", "e": "env"}
 
 
 @dataclass
@@ -261,6 +270,18 @@ class Plan:
     tracking_uri: str
     docker_args: dict[str, str | bool] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    given: set[str] = field(default_factory=set)  # -A names the user passed: left alone
+    project: str = "."  # the project `mlflow run` starts: this folder, or a checkout
+    run_args: list[str] = field(default_factory=list)  # the user's mlflow run options, + --run-id
+    cleanup: str = ""  # a folder to remove when the run ends (a checkout of a git version)
+
+    def decide(self, args: Mapping[str, str | bool], line: str) -> None:
+        """Add a decision's docker args and its line; a -A the user gave wins over them."""
+        taken = self.given & set(args)
+        if taken:
+            line += f" [your -A {', '.join(sorted(taken))} is used instead]"
+        self.docker_args.update({k: v for k, v in args.items() if k not in taken})
+        self.messages.append(line)
 
 
 def make_plan(
@@ -293,19 +314,16 @@ def make_plan(
     uri, network_args, tracking_line = container_tracking(
         uri, environ.get("DOCKER_NETWORK", "auto"), gateway
     )
-    plan = Plan(tracking_uri=uri)
-    given = {_ALIASES.get(name, name) for name in user_docker_args_given}
+    plan = Plan(
+        tracking_uri=uri, given={_ALIASES.get(name, name) for name in user_docker_args_given}
+    )
     for args, line in (
         gpu_docker_args(environ.get("GPUS", "auto"), gpus),
         (network_args, tracking_line),
         user_docker_args(uid, gid),
         storage_docker_args(environ.get("STORAGE_DIR", DEFAULT_STORAGE_DIR)),
     ):
-        if given & set(args):
-            line += f" [your -A {', '.join(sorted(given & set(args)))} is used instead]"
-            args = {k: v for k, v in args.items() if k not in given}
-        plan.docker_args.update(args)
-        plan.messages.append(line)
+        plan.decide(args, line)
     return plan
 
 
@@ -318,9 +336,17 @@ def docker_arg_flags(docker_args: Mapping[str, str | bool]) -> list[str]:
 
 
 def shell_plan(plan: Plan) -> str:
-    """Bash lines that project_driver.bash evaluates: the tracking URI and the -A flags."""
+    """Bash lines that project_driver.bash evaluates: the tracking URI, the project, the
+    -A flags, the other mlflow run options and a folder to remove at the end."""
     flags = " ".join(shlex.quote(flag) for flag in docker_arg_flags(plan.docker_args))
-    return f"export MLFLOW_TRACKING_URI={shlex.quote(plan.tracking_uri)}\ndocker_args=({flags})\n"
+    run_args = " ".join(shlex.quote(arg) for arg in plan.run_args)
+    return (
+        f"export MLFLOW_TRACKING_URI={shlex.quote(plan.tracking_uri)}\n"
+        f"project={shlex.quote(plan.project)}\n"
+        f"docker_args=({flags})\n"
+        f"run_args=({run_args})\n"
+        f"cleanup={shlex.quote(plan.cleanup)}\n"
+    )
 
 
 def user_docker_arg_names(mlflow_run_args: Sequence[str]) -> list[str]:
@@ -337,6 +363,146 @@ def user_docker_arg_names(mlflow_run_args: Sequence[str]) -> list[str]:
         if value is not None:
             names.append(value.split("=", 1)[0])
     return names
+
+
+# ----------------------------------------------------------------------------
+# The image: built for exactly the code that runs
+# ----------------------------------------------------------------------------
+
+
+def code_image_tag(image_tag: str, content_hash: str) -> str:
+    """The image's tag for one code version: NAME:code-<12 hex digits of the content hash>.
+
+    >>> code_image_tag("py-tf2-gpu-dock-mlflow:latest", "0123456789abcdef")
+    'py-tf2-gpu-dock-mlflow:code-0123456789ab'
+    """
+    name, colon, tag = image_tag.rpartition(":")
+    repository = name if colon and "/" not in tag else image_tag
+    return f"{repository}:code-{content_hash[:12]}"
+
+
+def build_command(
+    project_dir: Path, image_tag: str, identity: Mapping, base_image: str = ""
+) -> list[str]:
+    """`docker build` for a folder's code: both tags, and the code's identity as build args
+    (the Dockerfile's last step checks the hash and bakes it into the image)."""
+    code_tag = code_image_tag(image_tag, identity["content_hash"])
+    command = ["docker", "build", "-t", image_tag, "-t", code_tag]
+    build_args = {
+        "BASE_IMAGE": base_image,
+        "CODE_COMMIT": identity["commit"],
+        "CODE_DIRTY": "true" if identity["dirty"] else "false",
+        "CODE_CONTENT_HASH": identity["content_hash"],
+        "CODE_IMAGE": code_tag,
+    }
+    for name, value in build_args.items():
+        if value:
+            command += ["--build-arg", f"{name}={value}"]
+    return [*command, str(project_dir)]
+
+
+def previous_base(image_tag: str) -> str:
+    """The base the existing image was built on (its build.base_image label), or ""."""
+    label = '{{index .Config.Labels "build.base_image"}}'
+    base = _output(["docker", "image", "inspect", "--format", label, image_tag]).strip()
+    return base if re.fullmatch(r"[\w./:@-]+", base) and base != "<no value>" else ""
+
+
+def build_image(project_dir: Path = PROJECT_DIR, base_image: str = "", out=None) -> dict:
+    """Build the image for the code in project_dir (NAME:latest and NAME:code-<hash>).
+
+    Docker's layer cache makes this seconds when only code changed. Without base_image
+    the image is rebuilt on the base it has (`make build BASE_IMAGE=...` is remembered).
+    Docker's output goes to `out` (default: this process's stdout).
+
+    Returns:
+        The code's identity (engine.provenance.code_identity) and "line", what was built.
+
+    Raises:
+        DriverError: the build failed (nothing runs on a stale image).
+    """
+    image_tag = read_image_tag(project_dir / "MLproject")
+    identity = provenance.code_identity(project_dir)
+    base_image = base_image or previous_base(image_tag)
+    started = time.monotonic()
+    done = subprocess.run(
+        build_command(project_dir, image_tag, identity, base_image),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    if done.returncode != 0:
+        raise DriverError(
+            f"docker build failed (exit {done.returncode}), so nothing was run. The files "
+            f"hashed here: {' '.join(identity['files'])}"
+        )
+    code_tag = code_image_tag(image_tag, identity["content_hash"])
+    line = (
+        f"image: {image_tag} (= {code_tag}) holds {provenance.describe(identity)}; "
+        f"built in {time.monotonic() - started:.1f} s" + (f" on {base_image}" if base_image else "")
+    )
+    return {**identity, "line": line}
+
+
+def code_docker_args(identity: Mapping) -> tuple[dict[str, str], str]:
+    """Tell the container which code the image was built for; the run checks it at start."""
+    env = f"{provenance.EXPECTED_HASH_ENV}={identity['content_hash']}"
+    return {"env": env}, str(identity["line"])
+
+
+# ----------------------------------------------------------------------------
+# A version from git
+# ----------------------------------------------------------------------------
+
+
+def split_version_args(args: Sequence[str]) -> tuple[str, str, list[str]]:
+    """Take the driver's --git-url URL and --version V out of the mlflow run options.
+
+    Returns:
+        (git URL or "", version or "", the remaining options for mlflow run).
+    """
+    url, version, rest = "", "", []
+    items = iter(args)
+    for arg in items:
+        name, equals, value = arg.partition("=")
+        if name in ("--git-url", "--version", "-v"):
+            if not equals:
+                value = next(items, "")
+            if not value:
+                raise DriverError(f"{name} needs a value")
+            if name == "--git-url":
+                url = value
+            else:
+                version = value
+        else:
+            rest.append(arg)
+    return url, version, rest
+
+
+def checkout_version(url: str, version: str, destination: Path) -> str:
+    """Clone a git repository and check out a version (commit, branch or tag).
+
+    MLflow's own `mlflow run PATH -v V` checks the version out inside PATH itself, in your
+    working copy, so the driver always runs a fresh checkout instead.
+
+    Returns:
+        The commit checked out.
+    """
+    steps = [
+        ["git", "clone", "--quiet", "--no-checkout", url, str(destination)],
+        ["git", "-C", str(destination), "checkout", "--quiet", "--detach", version or "HEAD"],
+        ["git", "-C", str(destination), "rev-parse", "HEAD"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DriverError(f"{' '.join(step)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def prepare_run(plan: Plan, project_dir: Path, base_image: str, out=None) -> None:
+    """Build the image for the code in project_dir and tell the container which it is."""
+    identity = build_image(project_dir, base_image, out=out)
+    plan.decide(*code_docker_args(identity))
 
 
 # ----------------------------------------------------------------------------
@@ -444,8 +610,12 @@ def run_sweep(
     parallel: int,
     experiment_name: str | None,
     poll_seconds: float = 2.0,
+    project_dir: Path = PROJECT_DIR,
 ) -> list[dict[str, object]]:
     """Launch the runs, at most `parallel` at once, each on its own GPU slot; wait for all.
+
+    Args:
+        project_dir: the project each run starts (this folder, or a checkout of a version).
 
     Returns:
         One row per run: its parameters, run id, status and final metrics.
@@ -471,7 +641,7 @@ def run_sweep(
             )
             try:
                 submitted = mlflow.projects.run(
-                    str(PROJECT_DIR),
+                    str(project_dir),
                     entry_point="main",
                     parameters=dict(params),
                     docker_args=docker_args,
@@ -533,18 +703,43 @@ def host_plan(mlflow_run_args: Sequence[str] = ()) -> tuple[Plan, GpuInfo]:
     return plan, gpus
 
 
+def checkout_if_asked(plan: Plan, url: str, version: str) -> Path:
+    """The project folder a run starts: this one, or a fresh checkout of a git version
+    (--git-url URL, --version V; a version alone means this folder's repository)."""
+    if not (url or version):
+        return PROJECT_DIR
+    plan.cleanup = tempfile.mkdtemp(prefix="mlflow-version-")
+    project_dir = Path(plan.cleanup) / "project"
+    source = url or str(PROJECT_DIR)
+    commit = checkout_version(source, version, project_dir)
+    plan.project = str(project_dir)
+    plan.messages.append(f"version: {version or 'HEAD'} of {source} is commit {commit}")
+    return project_dir
+
+
+def _say(plan: Plan, shown: int, stream) -> int:
+    """Print the plan's lines not shown yet; returns how many are shown now."""
+    for line in plan.messages[shown:]:
+        print(line, file=stream, flush=True)
+    return len(plan.messages)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "plan",
-        help="print the bash lines project_driver.bash evaluates (messages on stderr); "
+        help="check the server, build the image, print the bash lines project_driver.bash "
+        "evaluates (messages on stderr); --git-url URL --version V pick a version from git, "
         "the mlflow run options that follow are passed on",
     )
     commands.add_parser(
         "check", help="only check that the tracking server answers (make run does, before building)"
     )
+    build = commands.add_parser("build", help="build the image for the code in a folder")
+    build.add_argument("--project-dir", type=Path, default=PROJECT_DIR)
+    build.add_argument("--base-image", default=os.environ.get("BASE_IMAGE", ""))
     sweep = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
     sweep.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
     sweep.add_argument("--grid", type=Path, help="YAML file of parameter values")
@@ -552,18 +747,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--parallel", type=int, default=0, help="runs at once (default: GPUs, or 2 on the CPU)"
     )
     sweep.add_argument("--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
+    sweep.add_argument("--git-url", default="", help="sweep a version from this repository")
+    sweep.add_argument("--version", default="", help="the commit, branch or tag to sweep")
     # `plan` takes any `mlflow run` options after it, which argparse would reject.
     args = parser.parse_args(argv[:1] if argv[:1] == ["plan"] else argv)
+    base_image = os.environ.get("BASE_IMAGE", "")
 
+    plan = None
     try:
         if args.command == "plan":
-            plan, _ = host_plan(argv[1:])
-            for line in plan.messages:
-                print(line, file=sys.stderr)
+            url, version, rest = split_version_args(argv[1:])
+            plan, _ = host_plan(rest)
+            plan.run_args = list(rest)
+            project_dir = checkout_if_asked(plan, url, version)
+            shown = _say(plan, 0, sys.stderr)
+            prepare_run(plan, project_dir, base_image, out=sys.stderr)
+            _say(plan, shown, sys.stderr)
             sys.stdout.write(shell_plan(plan))
             return 0
         if args.command == "check":
             host_plan()
+            return 0
+        if args.command == "build":
+            identity = build_image(args.project_dir, args.base_image)
+            print(identity["line"])
             return 0
 
         grid = load_grid_file(args.grid) if args.grid else {}
@@ -575,17 +782,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_param_names(points, list(spec["entry_points"]["main"]["parameters"]))
         plan, gpus = host_plan()
         os.environ["MLFLOW_TRACKING_URI"] = plan.tracking_uri
-        for line in plan.messages:
-            print(line)
+        project_dir = checkout_if_asked(plan, args.git_url, args.version)
+        shown = _say(plan, 0, sys.stdout)
+        prepare_run(plan, project_dir, base_image)
+        _say(plan, shown, sys.stdout)
         parallel = args.parallel or (gpus.count if gpus.runtime and gpus.count else 2)
         print(f"sweep: {len(points)} runs, {parallel} at once, image {read_image_tag()}")
         gpu_setting = os.environ.get("GPUS", "auto")
         rows = run_sweep(
-            points, plan.docker_args, gpus, gpu_setting, parallel, args.experiment_name
+            points,
+            plan.docker_args,
+            gpus,
+            gpu_setting,
+            parallel,
+            args.experiment_name,
+            project_dir=project_dir,
         )
     except DriverError as error:
         print(f"error: {error}", file=sys.stderr)
+        if plan is not None and plan.cleanup:
+            shutil.rmtree(plan.cleanup, ignore_errors=True)
         return 2
+    finally:
+        if args.command == "sweep" and plan is not None and plan.cleanup:
+            shutil.rmtree(plan.cleanup, ignore_errors=True)
     print()
     print(format_table(rows))
     failed = [row for row in rows if row["status"] != "FINISHED"]

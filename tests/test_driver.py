@@ -34,15 +34,30 @@ ONE_GPU = GpuInfo(runtime=True, count=1)
 # ---------------------------------------------------------------------------
 
 
+# What the fake server says about an experiment: its artifacts go through the server.
+SERVER_EXPERIMENT = {
+    "experiment": {
+        "experiment_id": "0",
+        "name": "Default",
+        "artifact_location": "mlflow-artifacts:/0",
+        "lifecycle_stage": "active",
+    }
+}
+
+
 @pytest.fixture
 def http_server():
-    """A loopback HTTP server that answers every GET with 200 OK; yields its URL."""
+    """A loopback HTTP server that answers every GET with 200 OK (and MLflow's experiment
+    API with an experiment whose artifacts go through the server); yields its URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the stdlib's name)
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(b"OK")
+            if "/mlflow/experiments/" in self.path:
+                self.wfile.write(json.dumps(SERVER_EXPERIMENT).encode())
+            else:
+                self.wfile.write(b"OK")
 
         def log_message(self, *args):
             pass
@@ -259,17 +274,19 @@ def test_a_docker_arg_the_user_gives_replaces_the_drivers():
 
 def test_shell_plan_quotes_values_for_bash():
     plan = driver.Plan("http://h:5000/a b", {"gpus": "device=0,1", "rm": True})
+    plan.run_args = ["-P", "run_name=a b", "--run-id", "x"]
+    plan.project, plan.cleanup = "/tmp/v 1/project", "/tmp/v 1"
+    show = 'printf "%s|" "$MLFLOW_TRACKING_URI" "$project" "${docker_args[@]}" "${run_args[@]}" '
     out = subprocess.run(
-        [
-            "bash",
-            "-c",
-            driver.shell_plan(plan) + 'printf "%s|" "$MLFLOW_TRACKING_URI" "${docker_args[@]}"',
-        ],
+        ["bash", "-c", driver.shell_plan(plan) + show + '"$cleanup"'],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert out == "http://h:5000/a b|-A|gpus=device=0,1|-A|rm|"
+    assert out == (
+        "http://h:5000/a b|/tmp/v 1/project|-A|gpus=device=0,1|-A|rm|"
+        "-P|run_name=a b|--run-id|x|/tmp/v 1|"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -278,7 +295,7 @@ def test_shell_plan_quotes_values_for_bash():
 
 
 def run_bash_driver(fake_bin, tmp_path, uri, *args, runtimes=None):
-    fake_docker(fake_bin, runtimes or {"runc": {}})
+    fake_docker(fake_bin, runtimes or {"runc": {}})  # `docker build` succeeds too
     argv_file = tmp_path / "mlflow-argv.txt"
     fake_command(
         fake_bin,
@@ -311,6 +328,7 @@ def test_bash_driver_runs_mlflow_run_with_the_plan_and_passes_args_through(
     uid = (
         f"{os.getuid()}:{os.getgid()}" if os.getuid() else f"{driver.IMAGE_UID}:{driver.IMAGE_UID}"
     )
+    content_hash = provenance.code_identity(PROJECT_DIR)["content_hash"]
     assert argv == [
         http_server,
         "run",
@@ -321,12 +339,15 @@ def test_bash_driver_runs_mlflow_run_with_the_plan_and_passes_args_through(
         f"user={uid}",
         "-A",
         f"volume={tmp_path}:{tmp_path}",
+        "-A",
+        f"env={provenance.EXPECTED_HASH_ENV}={content_hash}",
         "-P",
         "epochs=3",
         "--experiment-name",
         "trials",
     ]
     assert "training runs on the CPU" in done.stderr
+    assert f"code {content_hash[:12]}" in done.stderr  # the image line: which code it holds
 
 
 def test_bash_driver_passes_gpus_all_when_docker_has_the_nvidia_runtime(
@@ -491,13 +512,9 @@ def test_sweep_without_values_and_with_unknown_names_exits_2_before_launching(ca
 # ---------------------------------------------------------------------------
 
 
-def test_makefile_builds_the_tag_written_in_mlproject():
+def test_make_build_builds_the_tag_written_in_mlproject_and_one_per_code_version():
     tag = driver.read_image_tag()
     assert tag and ":" in tag
-    dry_run = subprocess.run(
-        ["make", "-s", "-n", "build"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
-    ).stdout
-    assert f"-t {tag} ." in dry_run
     with_base = subprocess.run(
         ["make", "-s", "-n", "build", "BASE_IMAGE=debian:bookworm"],
         cwd=PROJECT_DIR,
@@ -505,7 +522,31 @@ def test_makefile_builds_the_tag_written_in_mlproject():
         text=True,
         check=True,
     ).stdout
-    assert "--build-arg BASE_IMAGE=debian:bookworm" in with_base
+    assert "BASE_IMAGE=debian:bookworm" in with_base and "project_driver.py build" in with_base
+    identity = {"commit": "c0ffee" * 6 + "abcd", "dirty": False, "content_hash": "ab12" * 16}
+    command = driver.build_command(PROJECT_DIR, tag, identity, "debian:bookworm")
+    repository = tag.rsplit(":", 1)[0]
+    assert command[:6] == ["docker", "build", "-t", tag, "-t", f"{repository}:code-{'ab12' * 3}"]
+    assert command[-1] == str(PROJECT_DIR)
+    build_args = dict(
+        command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--build-arg"
+    )
+    assert build_args == {
+        "BASE_IMAGE": "debian:bookworm",
+        "CODE_COMMIT": identity["commit"],
+        "CODE_DIRTY": "false",
+        "CODE_CONTENT_HASH": identity["content_hash"],
+        "CODE_IMAGE": f"{repository}:code-{'ab12' * 3}",
+    }
+    # Without BASE_IMAGE the Dockerfile's own base is used.
+    assert "BASE_IMAGE" not in " ".join(driver.build_command(PROJECT_DIR, tag, identity))
+
+
+def test_code_tag_keeps_a_registry_port_and_path():
+    assert driver.code_image_tag("reg:5000/team/img:latest", "f" * 64) == (
+        "reg:5000/team/img:code-ffffffffffff"
+    )
+    assert driver.code_image_tag("reg:5000/img", "f" * 64) == "reg:5000/img:code-ffffffffffff"
 
 
 def test_make_help_lists_the_docker_targets():
@@ -521,9 +562,12 @@ def test_dockerfile_base_is_pinned_and_overridable():
     assert "ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu\nFROM ${BASE_IMAGE}" in dockerfile
     requirements = (PROJECT_DIR / "requirements.txt").read_text()
     assert "tensorflow==2.21.0" in requirements  # the base's TensorFlow, so pip keeps it
-    # The project code is the last thing copied, so editing it rebuilds one layer.
+    # The project code is the last thing copied, so editing it rebuilds one layer; only
+    # the identity (labels, the bake step that checks the hash) comes after it.
     copies = [line for line in dockerfile.splitlines() if line.startswith("COPY")]
     assert copies[-1].endswith(" . .")
+    after_copy = dockerfile.split(copies[-1])[1]
+    assert "LABEL code.commit=" in after_copy and "engine.provenance bake" in after_copy
 
 
 # ---------------------------------------------------------------------------
@@ -783,3 +827,43 @@ def test_check_and_tag_tags_the_code_a_run_runs_or_fails_it(tmp_path, monkeypatc
     with pytest.raises(provenance.ProvenanceError, match="the image is stale"):
         provenance.check_and_tag(stale.info.run_id, project, client)
     assert "code.commit" not in client.get_run(stale.info.run_id).data.tags
+
+
+# ---------------------------------------------------------------------------
+# A version from git
+# ---------------------------------------------------------------------------
+
+
+def test_version_options_are_the_drivers_and_the_rest_goes_to_mlflow():
+    url, version, rest = driver.split_version_args(
+        ["--git-url", "file:///r.git", "-P", "epochs=1", "--version=abc", "--run-name", "x"]
+    )
+    assert (url, version, rest) == ("file:///r.git", "abc", ["-P", "epochs=1", "--run-name", "x"])
+    assert driver.split_version_args(["-v", "main"])[1] == "main"
+    with pytest.raises(DriverError, match="--git-url needs a value"):
+        driver.split_version_args(["--git-url"])
+
+
+def test_checkout_of_a_version_from_a_bare_repository(tmp_path):
+    project = make_project(tmp_path / "p", DOCKERIGNORE, {"train.py": "print(1)\n"})
+    first = commit_all(project, "first")
+    (project / "train.py").write_text("print(2)\n")
+    commit_all(project, "second")
+    bare = tmp_path / "fork.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(project), str(bare)], check=True)
+
+    checkout = tmp_path / "checkout"
+    assert driver.checkout_version(bare.as_uri(), first, checkout) == first
+    assert (checkout / "train.py").read_text() == "print(1)\n"
+    assert provenance.code_identity(checkout)["commit"] == first
+    with pytest.raises(DriverError, match="checkout"):
+        driver.checkout_version(bare.as_uri(), "no-such-version", tmp_path / "other")
+
+
+def test_a_rebuild_keeps_the_base_the_image_was_built_on(fake_bin):
+    fake_command(fake_bin, "docker", "echo py-tf2-base:bookworm-py311\n")
+    assert driver.previous_base("img:latest") == "py-tf2-base:bookworm-py311"
+    fake_command(fake_bin, "docker", "echo '<no value>'\n")  # an image without the label
+    assert driver.previous_base("img:latest") == ""
+    fake_command(fake_bin, "docker", "exit 1\n")  # no image yet
+    assert driver.previous_base("img:latest") == ""
