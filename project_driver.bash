@@ -8,7 +8,7 @@
 # project_driver.py checks that MLFLOW_TRACKING_URI answers, builds the image for the
 # code that runs (seconds when only code changed; the image knows its code, and the run
 # checks it), and decides the docker args (GPU, network for the tracking server, user,
-# /storage), printing one line per decision; then this script
+# /storage, a local artifact folder), printing one line per decision; then this script
 # runs `mlflow run` on that image. Your options go last, so `-P name=value`,
 # `--experiment-name`, `--run-name` or `-A name=value` pass through (a -A you give
 # replaces the driver's choice for that name). --git-url and --version are the driver's:

@@ -21,6 +21,10 @@ saying in one line each:
   user      the container runs as the caller's uid:gid (the image's `trainer` user when the
             caller is root), so files it writes on mounted folders are not root-owned;
   storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists;
+  artifacts an experiment that keeps artifacts in a local folder (one made by the local
+            store, e.g. Default after `make quickstart`) has that folder mounted at the same
+            path, the container runs as the folder's owner, and the run is created first so
+            that its artifact folder exists, owned by that user, before Docker mounts it.
 Nothing else from the host is mounted: no home folder, no ~/.pgpass, no keys.
 
 The pure decisions (docker args, the tracking URI, the sweep grid) are functions that
@@ -42,10 +46,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -499,10 +503,123 @@ def checkout_version(url: str, version: str, destination: Path) -> str:
     return done.stdout.strip()
 
 
-def prepare_run(plan: Plan, project_dir: Path, base_image: str, out=None) -> None:
-    """Build the image for the code in project_dir and tell the container which it is."""
+# ----------------------------------------------------------------------------
+# Artifacts in a local folder
+# ----------------------------------------------------------------------------
+
+
+def local_folder(artifact_location: str, base: Path = PROJECT_DIR) -> Path | None:
+    """The host folder of a file:// or plain-path artifact location; None for a store that
+    the container reaches over the network (mlflow-artifacts:, s3:, ...)."""
+    parts = urlsplit(artifact_location)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path))
+    if parts.scheme == "" and artifact_location:
+        return base / artifact_location
+    return None
+
+
+def artifact_docker_args(
+    experiment: str, folder: Path, owner: tuple[int, int]
+) -> tuple[dict[str, str], str]:
+    """Mount an experiment's local artifact folder and run the container as its owner.
+
+    MLflow mounts only the run's own artifact folder, which Docker creates as root when it
+    is missing, and not the experiment folder where MLflow 3 writes logged models
+    (models/). So the driver mounts the experiment folder at the same path, runs the
+    container as the folder's owner (root included), and creates the run first.
+    """
+    uid, gid = owner
+    return {"mount": f"type=bind,source={folder},target={folder}", "user": f"{uid}:{gid}"}, (
+        f"artifacts: experiment '{experiment}' keeps artifacts in the local folder {folder} "
+        f"(made without a server): mounted at the same path, the container runs as its owner "
+        f"{uid}:{gid}, and the run is created first so that its folder is theirs"
+    )
+
+
+def parse_run_options(project_uri: str, args: Sequence[str]) -> dict:
+    """The user's `mlflow run` options, parsed by mlflow's own command line (its env vars,
+    such as MLFLOW_EXPERIMENT_NAME, included)."""
+    import click
+    from mlflow.cli import run as run_command
+
+    try:
+        options = run_command.make_context("mlflow run", [project_uri, *args]).params
+    except click.ClickException as error:
+        raise DriverError(f"mlflow run {' '.join(args)}: {error.format_message()}") from None
+    options["parameters"] = dict(item.split("=", 1) for item in options["param_list"])
+    return options
+
+
+def local_artifacts(plan: Plan, project_dir: Path, args: Sequence[str]) -> dict | None:
+    """When the run's experiment keeps artifacts in a local folder, plan for them to land.
+
+    Adds the folder's mount and owner (artifact_docker_args) to the plan.
+
+    Returns:
+        None for an experiment whose artifacts go through the server (or one that does not
+        exist yet: `mlflow run` makes it there); else the parsed `mlflow run` options with
+        "experiment_id" and "tracking_uri": create_run_first() then makes each run.
+    """
+    from mlflow import MlflowClient
+
+    options = parse_run_options(str(project_dir), args)
+    if options["run_id"]:
+        return None
+    client = MlflowClient(plan.tracking_uri)
+    if options["experiment_name"]:
+        experiment = client.get_experiment_by_name(options["experiment_name"])
+    else:
+        experiment = client.get_experiment(options["experiment_id"] or "0")
+    folder = local_folder(experiment.artifact_location) if experiment else None
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = (folder.stat().st_uid, folder.stat().st_gid)
+    plan.decide(*artifact_docker_args(experiment.name, folder, owner))
+    return {**options, "experiment_id": experiment.experiment_id, "tracking_uri": plan.tracking_uri}
+
+
+def create_run_first(
+    project_dir: Path, options: Mapping, parameters: Mapping[str, str], user: str
+) -> str:
+    """Create the run as `mlflow run` would (same tags and parameters, by MLflow's own
+    functions) and its local artifact folder, owned by the container's user; `mlflow run
+    --run-id` then uses it. Docker would otherwise create the folder as root.
+
+    Returns:
+        The run id.
+    """
+    import mlflow
+    from mlflow.projects.utils import fetch_and_validate_project, get_or_create_run
+
+    mlflow.set_tracking_uri(options["tracking_uri"])
+    entry_point = options["entry_point"]
+    work_dir = fetch_and_validate_project(str(project_dir), None, entry_point, dict(parameters))
+    run = get_or_create_run(
+        None, str(project_dir), options["experiment_id"], work_dir, None, entry_point,
+        dict(parameters),
+    )  # fmt: skip
+    run_folder = local_folder(run.info.artifact_uri)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0 and re.fullmatch(r"\d+:\d+", user):
+        uid, gid = (int(part) for part in user.split(":"))
+        for path in (run_folder.parent, run_folder):
+            os.chown(path, uid, gid)
+    return run.info.run_id
+
+
+def prepare_run(
+    plan: Plan, project_dir: Path, args: Sequence[str], base_image: str, out=None
+) -> dict | None:
+    """Build the image for the code in project_dir and plan where artifacts land.
+
+    Returns:
+        local_artifacts()'s answer: the options to create runs with, or None.
+    """
     identity = build_image(project_dir, base_image, out=out)
     plan.decide(*code_docker_args(identity))
+    return local_artifacts(plan, project_dir, args)
 
 
 # ----------------------------------------------------------------------------
@@ -611,11 +728,14 @@ def run_sweep(
     experiment_name: str | None,
     poll_seconds: float = 2.0,
     project_dir: Path = PROJECT_DIR,
+    first_run: Callable[[Mapping[str, str]], str] | None = None,
 ) -> list[dict[str, object]]:
     """Launch the runs, at most `parallel` at once, each on its own GPU slot; wait for all.
 
     Args:
         project_dir: the project each run starts (this folder, or a checkout of a version).
+        first_run: for an experiment with a local artifact folder, creates each run just
+            before its launch (create_run_first) and returns its id.
 
     Returns:
         One row per run: its parameters, run id, status and final metrics.
@@ -640,6 +760,7 @@ def run_sweep(
                 flush=True,
             )
             try:
+                created = {"run_id": first_run(params)} if first_run else {}
                 submitted = mlflow.projects.run(
                     str(project_dir),
                     entry_point="main",
@@ -647,6 +768,7 @@ def run_sweep(
                     docker_args=docker_args,
                     experiment_name=experiment_name,
                     synchronous=False,
+                    **created,
                 )
             except Exception as error:  # a launch failure fails that run, not the sweep
                 results[index] = {**params, "run_id": "", "status": f"NOT STARTED: {error}"}
@@ -761,7 +883,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan.run_args = list(rest)
             project_dir = checkout_if_asked(plan, url, version)
             shown = _say(plan, 0, sys.stderr)
-            prepare_run(plan, project_dir, base_image, out=sys.stderr)
+            local = prepare_run(plan, project_dir, rest, base_image, out=sys.stderr)
+            if local:
+                user = str(plan.docker_args.get("user", ""))
+                run_id = create_run_first(project_dir, local, local["parameters"], user)
+                plan.run_args += ["--run-id", run_id]
             _say(plan, shown, sys.stderr)
             sys.stdout.write(shell_plan(plan))
             return 0
@@ -784,8 +910,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = plan.tracking_uri
         project_dir = checkout_if_asked(plan, args.git_url, args.version)
         shown = _say(plan, 0, sys.stdout)
-        prepare_run(plan, project_dir, base_image)
+        experiment = ["--experiment-name", args.experiment_name] if args.experiment_name else []
+        local = prepare_run(plan, project_dir, experiment, base_image)
         _say(plan, shown, sys.stdout)
+        user = str(plan.docker_args.get("user", ""))
+        first_run = (
+            (lambda params: create_run_first(project_dir, local, params, user)) if local else None
+        )
         parallel = args.parallel or (gpus.count if gpus.runtime and gpus.count else 2)
         print(f"sweep: {len(points)} runs, {parallel} at once, image {read_image_tag()}")
         gpu_setting = os.environ.get("GPUS", "auto")
@@ -797,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel,
             args.experiment_name,
             project_dir=project_dir,
+            first_run=first_run,
         )
     except DriverError as error:
         print(f"error: {error}", file=sys.stderr)

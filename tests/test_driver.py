@@ -860,6 +860,62 @@ def test_checkout_of_a_version_from_a_bare_repository(tmp_path):
         driver.checkout_version(bare.as_uri(), "no-such-version", tmp_path / "other")
 
 
+# ---------------------------------------------------------------------------
+# Artifacts in a local folder (experiments made without a server, e.g. by quickstart)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "folder"),
+    [
+        ("/p/mlruns/0", Path("/p/mlruns/0")),
+        ("file:///p/ml%20runs/0", Path("/p/ml runs/0")),
+        ("mlruns/0", driver.PROJECT_DIR / "mlruns/0"),
+        ("mlflow-artifacts:/0", None),
+        ("s3://bucket/0", None),
+    ],
+)
+def test_local_artifact_folders_are_recognised(location, folder):
+    assert driver.local_folder(location) == folder
+
+
+def test_a_local_experiment_folder_is_mounted_and_the_run_made_first_owned_by_its_user(
+    tmp_path,
+):
+    import mlflow
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("MLproject", "train.py"):  # what MLflow's project loader reads
+        (project / name).write_text((PROJECT_DIR / name).read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "mlruns" / "0"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("local", artifact_location=str(folder))
+
+    plan = driver.Plan(uri, {"user": "1000:1000"})
+    args = ["-P", "epochs=2", "--experiment-name", "local"]
+    options = driver.local_artifacts(plan, project, args)
+    owner = f"{folder.stat().st_uid}:{folder.stat().st_gid}"
+    assert plan.docker_args == {
+        "user": owner,  # the folder's owner, root included, replaces the driver's choice
+        "mount": f"type=bind,source={folder},target={folder}",
+    }
+    assert "keeps artifacts in the local folder" in plan.messages[-1]
+
+    run_id = driver.create_run_first(project, options, options["parameters"], owner)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.params["epochs"] == "2"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+    run_folder = Path(run.info.artifact_uri)
+    assert run_folder.is_dir() and f"{run_folder.stat().st_uid}:{run_folder.stat().st_gid}" == owner
+
+    # An experiment made through the server (or not made yet) needs nothing.
+    plan = driver.Plan(uri, {"user": "1000:1000"})
+    assert driver.local_artifacts(plan, project, ["--experiment-name", "new"]) is None
+    assert plan.docker_args == {"user": "1000:1000"}
+
+
 def test_a_rebuild_keeps_the_base_the_image_was_built_on(fake_bin):
     fake_command(fake_bin, "docker", "echo py-tf2-base:bookworm-py311\n")
     assert driver.previous_base("img:latest") == "py-tf2-base:bookworm-py311"
