@@ -52,6 +52,11 @@ def http_server():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the stdlib's name)
+            if "experiment_name=missing" in self.path:
+                self.send_response(404)
+                self.end_headers()
+                self.wfile.write(b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}')
+                return
             self.send_response(200)
             self.end_headers()
             if "/mlflow/experiments/" in self.path:
@@ -877,6 +882,16 @@ def test_checkout_of_a_version_from_a_bare_repository(tmp_path):
 )
 def test_local_artifact_folders_are_recognised(location, folder):
     assert driver.local_folder(location) == folder
+
+
+def test_the_experiment_is_found_as_mlflow_run_picks_it(http_server):
+    found = driver.find_experiment(http_server, ["--experiment-name", "trials"], {})
+    assert found["artifact_location"] == "mlflow-artifacts:/0"
+    # Not there yet: mlflow run creates it through the server, so nothing to prepare.
+    assert driver.find_experiment(http_server, ["--experiment-name=missing"], {}) is None
+    environ = {"MLFLOW_EXPERIMENT_NAME": "missing"}
+    assert driver.find_experiment(http_server, [], environ) is None
+    assert driver.find_experiment(http_server, ["--experiment-id", "0"], environ) is not None
 
 
 def test_a_local_experiment_folder_is_mounted_and_the_run_made_first_owned_by_its_user(
