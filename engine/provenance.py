@@ -15,6 +15,9 @@ holds. This module makes the two meet:
   when the run's artifacts could not land, and otherwise tags the run with what it
   really runs: `code.commit`, `code.dirty`, `code.content_hash`, `code.image`.
 
+The API is those two and `ProvenanceError`; `mismatch()` is the pure decision, and
+`describe()`, `context_files()` and `bake()` serve the driver and the Dockerfile.
+
 Command line (the Dockerfile calls `bake`):
     python -m engine.provenance identity [DIR]
     python -m engine.provenance bake --commit SHA --dirty false --content-hash HASH --image TAG
@@ -206,7 +209,7 @@ def _git_commit(project_dir: Path, blobs: dict[str, str]) -> tuple[str, bool] | 
     return head.strip(), committed != blobs
 
 
-def read_baked(project_dir: str | Path) -> dict | None:
+def _read_baked(project_dir: str | Path) -> dict | None:
     """The identity that `make build` baked into the image, or None outside such an image."""
     path = Path(project_dir) / BAKED_FILE
     try:
@@ -234,7 +237,7 @@ def code_identity(project_dir: str | Path) -> dict:
     listing = "".join(f"{blobs[path]} {path}\n" for path in files)
     content_hash = hashlib.sha256(listing.encode()).hexdigest()
     commit, dirty = _git_commit(root, blobs) or (UNKNOWN, True)
-    baked = read_baked(root)
+    baked = _read_baked(root)
     if commit == UNKNOWN and baked and baked.get("content_hash") == content_hash:
         commit, dirty = baked.get("commit") or UNKNOWN, bool(baked.get("dirty", True))
     return {"commit": commit, "dirty": dirty, "content_hash": content_hash, "files": files}
@@ -269,7 +272,7 @@ def mismatch(
         present: code_identity() of the code that is about to run.
         run_commit: the run's `mlflow.source.git.commit` tag (None when MLflow set none).
         expected_hash: the content hash the driver built the image for (None: not given).
-        baked: read_baked() of the code folder (None outside an image from `make build`).
+        baked: _read_baked() of the code folder (None outside an image from `make build`).
     """
     holds = f"this container holds {describe(present)}"
     if baked and baked.get("image"):
@@ -310,7 +313,7 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
-def artifacts_problem(artifact_uri: str, experiment_location: str) -> str | None:
+def _artifacts_problem(artifact_uri: str, experiment_location: str) -> str | None:
     """Why a run's artifacts would not land, checked before training; None when they will.
 
     Only a container has a problem: MLflow mounts the run's local artifact folder into it,
@@ -320,7 +323,9 @@ def artifacts_problem(artifact_uri: str, experiment_location: str) -> str | None
     run_dir = _local_path(artifact_uri)
     if run_dir is None or not os.path.ismount(run_dir):
         return None  # a remote store, or not a container that MLflow mounted it into
-    experiment_dir = _local_path(experiment_location) or run_dir.parent.parent
+    experiment_dir = _local_path(experiment_location)
+    if experiment_dir is None or not experiment_dir.is_absolute():
+        experiment_dir = run_dir.parent.parent
     fix = (
         "This experiment keeps artifacts in a local folder (it was made without a server, "
         "e.g. by `make quickstart`). Start the run with `make run` or ./project_driver.bash, "
@@ -329,9 +334,10 @@ def artifacts_problem(artifact_uri: str, experiment_location: str) -> str | None
     )
     if not os.access(run_dir, os.W_OK):
         return f"uid {os.getuid()} cannot write this run's artifact folder {run_dir}. {fix}"
-    if os.stat(experiment_dir).st_dev != os.stat(run_dir).st_dev or not os.access(
-        experiment_dir, os.W_OK
-    ):
+    # Mounted from the host, the folder is on the run folder's file system; else it is
+    # the container's own, and whatever MLflow writes there is lost with the container.
+    mounted = experiment_dir.is_dir() and experiment_dir.stat().st_dev == run_dir.stat().st_dev
+    if not mounted or not os.access(experiment_dir, os.W_OK):
         return f"the experiment folder {experiment_dir} (logged models) is not mounted. {fix}"
     return None
 
@@ -359,7 +365,7 @@ def check_and_tag(run_id: str, project_dir: str | Path, client=None) -> dict:
 
         client = MlflowClient()
     present = code_identity(project_dir)
-    baked = read_baked(project_dir)
+    baked = _read_baked(project_dir)
     run = client.get_run(run_id)
     problem = mismatch(
         present,
@@ -369,7 +375,7 @@ def check_and_tag(run_id: str, project_dir: str | Path, client=None) -> dict:
     )
     if problem is None:
         experiment = client.get_experiment(run.info.experiment_id)
-        problem = artifacts_problem(run.info.artifact_uri, experiment.artifact_location)
+        problem = _artifacts_problem(run.info.artifact_uri, experiment.artifact_location)
     if problem:
         raise ProvenanceError(problem)
     tags = {
