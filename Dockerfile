@@ -5,13 +5,14 @@
 #
 # BASE_IMAGE overrides the base, for example a CPU image or a local one:
 #   docker build --build-arg BASE_IMAGE=python:3.11-slim -t NAME .
-# The tag itself is written once, in MLproject's docker_env (the Makefile reads it).
+# The tag itself is written once, in MLproject's docker_env; `make build` adds a
+# second tag per code version, NAME:code-<content hash> (project_driver.py build).
 ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${BASE_IMAGE}
 
 # GIT_PYTHON_REFRESH=quiet: the project folder in the image has no .git (the
-# commit is tagged on the run by `mlflow run` on the host), so GitPython's
-# warnings would be noise.
+# commit is baked in below, and `mlflow run` tags it on the run from the host), so
+# GitPython's warnings would be noise.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -47,4 +48,20 @@ ENV HOME=/home/trainer
 # data, tracking stores and tests out.
 WORKDIR /mlflow/projects/code
 COPY --chown=${USER_UID}:${USER_UID} . .
+
+# The code's identity, which `make build` (project_driver.py build) hashes on the host
+# and passes in: `bake` hashes the copied files the same way, stops the build if they
+# differ, and writes .code_identity.json, which every run checks against the commit
+# it is tagged with (engine/provenance.py; doc/docker.md). The base is labelled too: the
+# driver rebuilds on the same one. Last, so that a new commit with the same code
+# rebuilds only these two steps.
+ARG BASE_IMAGE
+ARG CODE_COMMIT=unknown
+ARG CODE_DIRTY=true
+ARG CODE_CONTENT_HASH=
+ARG CODE_IMAGE=
+LABEL code.commit="${CODE_COMMIT}" code.dirty="${CODE_DIRTY}" \
+      code.content_hash="${CODE_CONTENT_HASH}" build.base_image="${BASE_IMAGE}"
+RUN python -m engine.provenance bake --commit "${CODE_COMMIT}" --dirty "${CODE_DIRTY}" \
+        --content-hash "${CODE_CONTENT_HASH}" --image "${CODE_IMAGE}"
 USER trainer

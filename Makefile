@@ -60,35 +60,41 @@ clean: ## remove caches and generated demo data (keeps .venv and the tracking st
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 # ---- Docker (see doc/ and project_driver.bash) ----
-# The image tag is written once, in MLproject's docker_env; this reads it from there.
-IMAGE := $(shell sed -n 's/^ *image: *//p' MLproject | head -n 1)
+# The image tag is written once, in MLproject's docker_env; project_driver.py reads it.
 # BASE_IMAGE=... builds on another base than the Dockerfile's TensorFlow GPU image.
 BASE_IMAGE ?=
 # EXPERIMENT=name: the MLflow experiment of make run (else MLFLOW_EXPERIMENT_NAME or Default).
 EXPERIMENT ?=
+# VERSION=commit|branch|tag [GIT_URL=url]: make run and sweep run that version of the code
+# (a fresh checkout; without GIT_URL, of this folder's repository).
+GIT_URL ?=
+VERSION ?=
+VERSION_ARGS = $(if $(GIT_URL),--git-url $(GIT_URL)) $(if $(VERSION),--version $(VERSION))
 
 .PHONY: build run sweep kube-run test-docker
 
-build: ## build the training image (tag from MLproject; BASE_IMAGE=... overrides the base)
-	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+# The code's commit and content hash are baked in (labels, .code_identity.json) and the
+# image gets a second tag per code version, NAME:code-<hash>; see doc/docker.md.
+build: $(VENV)/.installed ## build the training image for the code here (tag from MLproject; BASE_IMAGE=... overrides the base)
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py build
 
 # run and sweep check the tracking server first, so a server that is down fails in
-# seconds, before a build; the build then takes seconds when only code changed.
-run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3")
-	$(BIN)/python project_driver.py check
-	$(MAKE) --no-print-directory build
-	PYTHON=$(BIN)/python ./project_driver.bash $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+# seconds, then build the image for the code they run (seconds when only code changed).
+run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3"; VERSION=sha)
+	BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(BIN)/python ./project_driver.bash $(VERSION_ARGS) \
+		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
-	$(BIN)/python project_driver.py check
-	$(MAKE) --no-print-directory build
-	$(BIN)/python project_driver.py sweep $(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py sweep $(VERSION_ARGS) \
+		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 # MLflow's Kubernetes backend builds FROM the image above with the project folder
-# added and pushes it; a worktree of HEAD keeps .venv and data out of that copy.
-kube-run: $(VENV)/.installed build ## run the committed code as a Kubernetes Job (kubernetes/kubernetes_config.json)
+# added and pushes it; a worktree of HEAD keeps .venv and data out of that copy, and
+# the image is built from that worktree so that its baked code is the code copied.
+kube-run: $(VENV)/.installed ## run the committed code as a Kubernetes Job (kubernetes/kubernetes_config.json)
 	@src="$$(mktemp -d)/src" && git worktree add --detach --quiet "$$src" HEAD && \
 	trap 'git worktree remove --force "$$src"' EXIT && \
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py build --project-dir "$$src" && \
 	$(BIN)/mlflow run "$$src" --backend kubernetes \
 		--backend-config kubernetes/kubernetes_config.json --build-image \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)

@@ -3,15 +3,19 @@
 #
 #   ./project_driver.bash [mlflow run options...]
 #   ./project_driver.bash -P epochs=3 -P data_source=demo --experiment-name trials
+#   ./project_driver.bash --git-url URL --version SHA -P epochs=3   # a version from git
 #
-# project_driver.py decides the docker args (GPU, network for the tracking server,
-# user, /storage) and checks that MLFLOW_TRACKING_URI answers, printing one line per
-# decision; then this script runs `mlflow run .` on the image named in MLproject's
-# docker_env (built by `make build`, code included). Your options go last, so
-# `-P name=value`, `--experiment-name`, `--run-name` or `-A name=value` pass through
-# (a -A you give replaces the driver's choice for that name).
+# project_driver.py checks that MLFLOW_TRACKING_URI answers, builds the image for the
+# code that runs (seconds when only code changed; the image knows its code, and the run
+# checks it), and decides the docker args (GPU, network for the tracking server, user,
+# /storage, a local artifact folder), printing one line per decision; then this script
+# runs `mlflow run` on that image. Your options go last, so `-P name=value`,
+# `--experiment-name`, `--run-name` or `-A name=value` pass through (a -A you give
+# replaces the driver's choice for that name). --git-url and --version are the driver's:
+# it runs a fresh checkout of that version (a version alone: this folder's repository).
 # Settings (environment): MLFLOW_TRACKING_URI, GPUS (auto|none|all|device=N),
-# DOCKER_NETWORK (auto|host|bridge), STORAGE_DIR (/storage), PYTHON (.venv/bin/python).
+# DOCKER_NETWORK (auto|host|bridge), STORAGE_DIR (/storage), BASE_IMAGE (the Dockerfile's),
+# PYTHON (.venv/bin/python).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -23,9 +27,14 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 MLFLOW="$(dirname "$PYTHON")/mlflow"
 [[ -x "$MLFLOW" ]] || MLFLOW=mlflow
 
-# Sets MLFLOW_TRACKING_URI (rewritten when DOCKER_NETWORK=bridge) and docker_args.
+# Sets MLFLOW_TRACKING_URI (rewritten when DOCKER_NETWORK=bridge), project, docker_args,
+# run_args and cleanup (a checkout to remove at the end).
 plan="$("$PYTHON" project_driver.py plan "$@")"
 eval "$plan"
 
-echo "+ mlflow run . ${docker_args[*]} $*" >&2
-exec "$MLFLOW" run . "${docker_args[@]}" "$@"
+echo "+ mlflow run $project ${docker_args[*]} ${run_args[*]}" >&2
+if [[ -z "$cleanup" ]]; then
+    exec "$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}"
+fi
+trap 'rm -rf "$cleanup"' EXIT
+"$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}"

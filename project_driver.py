@@ -2,12 +2,17 @@
 
 Usage:
     ./project_driver.bash -P epochs=3                 # one run (make run ARGS="-P epochs=3")
+    ./project_driver.bash --git-url URL --version SHA -P epochs=3   # a version from git
     python project_driver.py plan -P epochs=3         # what project_driver.bash evaluates
     python project_driver.py check                    # does the tracking server answer?
+    python project_driver.py build                    # the image for the code here (make build)
     python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
     python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
 
-Before anything starts, the driver decides, and says in one line each:
+Before anything starts, the driver checks the tracking server, builds the image for the
+code it runs (seconds when only code changed; tagged NAME:latest and NAME:code-<hash>,
+with the code's commit and content hash baked in, see engine/provenance.py), and decides,
+saying in one line each:
   GPU       --gpus all when Docker has an NVIDIA runtime, else the CPU (GPUS=none|all|device=N
             overrides); a sweep on several GPUs gives each run its own (--gpus device=N);
   tracking  the MLflow server must answer within seconds; one on this host's loopback
@@ -15,7 +20,11 @@ Before anything starts, the driver decides, and says in one line each:
             DOCKER_NETWORK=bridge, through the Docker bridge gateway address;
   user      the container runs as the caller's uid:gid (the image's `trainer` user when the
             caller is root), so files it writes on mounted folders are not root-owned;
-  storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists.
+  storage   STORAGE_DIR (default /storage) is mounted at the same path when it exists;
+  artifacts an experiment that keeps artifacts in a local folder (one made by the local
+            store, e.g. Default after `make quickstart`) has that folder mounted at the same
+            path, the container runs as the folder's owner, and the run is created first so
+            that its artifact folder exists, owned by that user, before Docker mounts it.
 Nothing else from the host is mounted: no home folder, no ~/.pgpass, no keys.
 
 The pure decisions (docker args, the tracking URI, the sweep grid) are functions that
@@ -27,20 +36,25 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import itertools
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from engine import provenance
 
 PROJECT_DIR = Path(__file__).resolve().parent
 # The uid of the `trainer` user that Dockerfile creates (its USER_UID build arg).
@@ -251,7 +265,7 @@ def storage_docker_args(storage_dir: str) -> tuple[dict[str, str], str]:
 
 
 # docker run flags that several names spell; a user's -A for any of them wins.
-_ALIASES = {"v": "volume", "u": "user", "net": "network"}
+_ALIASES = {"v": "volume", "u": "user", "net": "network", "e": "env"}
 
 
 @dataclass
@@ -261,6 +275,18 @@ class Plan:
     tracking_uri: str
     docker_args: dict[str, str | bool] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    given: set[str] = field(default_factory=set)  # -A names the user passed: left alone
+    project: str = "."  # the project `mlflow run` starts: this folder, or a checkout
+    run_args: list[str] = field(default_factory=list)  # the user's mlflow run options, + --run-id
+    cleanup: str = ""  # a folder to remove when the run ends (a checkout of a git version)
+
+    def decide(self, args: Mapping[str, str | bool], line: str) -> None:
+        """Add a decision's docker args and its line; a -A the user gave wins over them."""
+        taken = self.given & set(args)
+        if taken:
+            line += f" [your -A {', '.join(sorted(taken))} is used instead]"
+        self.docker_args.update({k: v for k, v in args.items() if k not in taken})
+        self.messages.append(line)
 
 
 def make_plan(
@@ -293,19 +319,16 @@ def make_plan(
     uri, network_args, tracking_line = container_tracking(
         uri, environ.get("DOCKER_NETWORK", "auto"), gateway
     )
-    plan = Plan(tracking_uri=uri)
-    given = {_ALIASES.get(name, name) for name in user_docker_args_given}
+    plan = Plan(
+        tracking_uri=uri, given={_ALIASES.get(name, name) for name in user_docker_args_given}
+    )
     for args, line in (
         gpu_docker_args(environ.get("GPUS", "auto"), gpus),
         (network_args, tracking_line),
         user_docker_args(uid, gid),
         storage_docker_args(environ.get("STORAGE_DIR", DEFAULT_STORAGE_DIR)),
     ):
-        if given & set(args):
-            line += f" [your -A {', '.join(sorted(given & set(args)))} is used instead]"
-            args = {k: v for k, v in args.items() if k not in given}
-        plan.docker_args.update(args)
-        plan.messages.append(line)
+        plan.decide(args, line)
     return plan
 
 
@@ -318,9 +341,17 @@ def docker_arg_flags(docker_args: Mapping[str, str | bool]) -> list[str]:
 
 
 def shell_plan(plan: Plan) -> str:
-    """Bash lines that project_driver.bash evaluates: the tracking URI and the -A flags."""
+    """Bash lines that project_driver.bash evaluates: the tracking URI, the project, the
+    -A flags, the other mlflow run options and a folder to remove at the end."""
     flags = " ".join(shlex.quote(flag) for flag in docker_arg_flags(plan.docker_args))
-    return f"export MLFLOW_TRACKING_URI={shlex.quote(plan.tracking_uri)}\ndocker_args=({flags})\n"
+    run_args = " ".join(shlex.quote(arg) for arg in plan.run_args)
+    return (
+        f"export MLFLOW_TRACKING_URI={shlex.quote(plan.tracking_uri)}\n"
+        f"project={shlex.quote(plan.project)}\n"
+        f"docker_args=({flags})\n"
+        f"run_args=({run_args})\n"
+        f"cleanup={shlex.quote(plan.cleanup)}\n"
+    )
 
 
 def user_docker_arg_names(mlflow_run_args: Sequence[str]) -> list[str]:
@@ -337,6 +368,319 @@ def user_docker_arg_names(mlflow_run_args: Sequence[str]) -> list[str]:
         if value is not None:
             names.append(value.split("=", 1)[0])
     return names
+
+
+# ----------------------------------------------------------------------------
+# The image: built for exactly the code that runs
+# ----------------------------------------------------------------------------
+
+
+def code_image_tag(image_tag: str, content_hash: str) -> str:
+    """The image's tag for one code version: NAME:code-<12 hex digits of the content hash>.
+
+    >>> code_image_tag("py-tf2-gpu-dock-mlflow:latest", "0123456789abcdef")
+    'py-tf2-gpu-dock-mlflow:code-0123456789ab'
+    """
+    name, colon, tag = image_tag.rpartition(":")
+    repository = name if colon and "/" not in tag else image_tag
+    return f"{repository}:code-{content_hash[:12]}"
+
+
+def build_command(
+    project_dir: Path, image_tag: str, identity: Mapping, base_image: str = ""
+) -> list[str]:
+    """`docker build` for a folder's code: both tags, and the code's identity as build args
+    (the Dockerfile's last step checks the hash and bakes it into the image)."""
+    code_tag = code_image_tag(image_tag, identity["content_hash"])
+    command = ["docker", "build", "-t", image_tag, "-t", code_tag]
+    build_args = {
+        "BASE_IMAGE": base_image,
+        "CODE_COMMIT": identity["commit"],
+        "CODE_DIRTY": "true" if identity["dirty"] else "false",
+        "CODE_CONTENT_HASH": identity["content_hash"],
+        "CODE_IMAGE": code_tag,
+    }
+    for name, value in build_args.items():
+        if value:
+            command += ["--build-arg", f"{name}={value}"]
+    return [*command, str(project_dir)]
+
+
+def previous_base(image_tag: str) -> str:
+    """The base the existing image was built on (its build.base_image label), or ""."""
+    label = '{{index .Config.Labels "build.base_image"}}'
+    base = _output(["docker", "image", "inspect", "--format", label, image_tag]).strip()
+    return base if re.fullmatch(r"[\w./:@-]+", base) and base != "<no value>" else ""
+
+
+def build_image(project_dir: Path = PROJECT_DIR, base_image: str = "", out=None) -> dict:
+    """Build the image for the code in project_dir (NAME:latest and NAME:code-<hash>).
+
+    Docker's layer cache makes this seconds when only code changed. Without base_image
+    the image is rebuilt on the base it has (`make build BASE_IMAGE=...` is remembered).
+    Docker's output goes to `out` (default: this process's stdout).
+
+    Returns:
+        The code's identity (engine.provenance.code_identity) and "line", what was built.
+
+    Raises:
+        DriverError: the build failed (nothing runs on a stale image).
+    """
+    image_tag = read_image_tag(project_dir / "MLproject")
+    identity = provenance.code_identity(project_dir)
+    base_image = base_image or previous_base(image_tag)
+    started = time.monotonic()
+    done = subprocess.run(
+        build_command(project_dir, image_tag, identity, base_image),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    if done.returncode != 0:
+        raise DriverError(
+            f"docker build failed (exit {done.returncode}), so nothing was run. The files "
+            f"hashed here: {' '.join(identity['files'])}"
+        )
+    code_tag = code_image_tag(image_tag, identity["content_hash"])
+    line = (
+        f"image: {image_tag} (= {code_tag}) holds {provenance.describe(identity)}; "
+        f"built in {time.monotonic() - started:.1f} s" + (f" on {base_image}" if base_image else "")
+    )
+    return {**identity, "line": line}
+
+
+def code_docker_args(identity: Mapping) -> tuple[dict[str, str], str]:
+    """Tell the container which code the image was built for; the run checks it at start."""
+    env = f"{provenance.EXPECTED_HASH_ENV}={identity['content_hash']}"
+    return {"env": env}, str(identity["line"])
+
+
+# ----------------------------------------------------------------------------
+# A version from git
+# ----------------------------------------------------------------------------
+
+
+def split_version_args(args: Sequence[str]) -> tuple[str, str, list[str]]:
+    """Take the driver's --git-url URL and --version V out of the mlflow run options.
+
+    Returns:
+        (git URL or "", version or "", the remaining options for mlflow run).
+    """
+    url, version, rest = "", "", []
+    items = iter(args)
+    for arg in items:
+        name, equals, value = arg.partition("=")
+        if name in ("--git-url", "--version", "-v"):
+            if not equals:
+                value = next(items, "")
+            if not value:
+                raise DriverError(f"{name} needs a value")
+            if name == "--git-url":
+                url = value
+            else:
+                version = value
+        else:
+            rest.append(arg)
+    return url, version, rest
+
+
+def checkout_version(url: str, version: str, destination: Path) -> str:
+    """Clone a git repository and check out a version (commit, branch or tag).
+
+    MLflow's own `mlflow run PATH -v V` checks the version out inside PATH itself, in your
+    working copy, so the driver always runs a fresh checkout instead.
+
+    Returns:
+        The commit checked out.
+    """
+    steps = [
+        ["git", "clone", "--quiet", "--no-checkout", url, str(destination)],
+        ["git", "-C", str(destination), "checkout", "--quiet", "--detach", version or "HEAD"],
+        ["git", "-C", str(destination), "rev-parse", "HEAD"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DriverError(f"{' '.join(step)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+# ----------------------------------------------------------------------------
+# Artifacts in a local folder
+# ----------------------------------------------------------------------------
+
+
+def local_folder(artifact_location: str, base: Path = PROJECT_DIR) -> Path | None:
+    """The host folder of a file:// or plain-path artifact location; None for a store that
+    the container reaches over the network (mlflow-artifacts:, s3:, ...)."""
+    parts = urlsplit(artifact_location)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path))
+    if parts.scheme == "" and artifact_location:
+        return base / artifact_location
+    return None
+
+
+def artifact_docker_args(
+    experiment: str, folder: Path, owner: tuple[int, int]
+) -> tuple[dict[str, str], str]:
+    """Mount an experiment's local artifact folder and run the container as its owner.
+
+    MLflow mounts only the run's own artifact folder, which Docker creates as root when it
+    is missing, and not the experiment folder where MLflow 3 writes logged models
+    (models/). So the driver mounts the experiment folder at the same path, runs the
+    container as the folder's owner (root included), and creates the run first.
+    """
+    uid, gid = owner
+    return {"mount": f"type=bind,source={folder},target={folder}", "user": f"{uid}:{gid}"}, (
+        f"artifacts: experiment '{experiment}' keeps artifacts in the local folder {folder} "
+        f"(made without a server): mounted at the same path, the container runs as its owner "
+        f"{uid}:{gid}, and the run is created first so that its folder is theirs"
+    )
+
+
+def parse_run_options(project_uri: str, args: Sequence[str]) -> dict:
+    """The user's `mlflow run` options, parsed by mlflow's own command line (its env vars,
+    such as MLFLOW_EXPERIMENT_NAME, included)."""
+    import click
+    from mlflow.cli import run as run_command
+
+    try:
+        options = run_command.make_context("mlflow run", [project_uri, *args]).params
+    except click.ClickException as error:
+        raise DriverError(f"mlflow run {' '.join(args)}: {error.format_message()}") from None
+    options["parameters"] = dict(item.split("=", 1) for item in options["param_list"])
+    return options
+
+
+def _option(args: Sequence[str], name: str) -> str:
+    """The value of `--name VALUE` or `--name=VALUE` in command-line options, or ""."""
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def _experiment_over_rest(uri: str, name: str, experiment_id: str) -> dict | None:
+    """MLflow's experiment API in one plain request (no MLflow import: seconds saved on
+    every run); None when no such experiment exists."""
+    if name:
+        endpoint, query = "get-by-name", {"experiment_name": name}
+    else:
+        endpoint, query = "get", {"experiment_id": experiment_id}
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/{endpoint}?{urlencode(query)}"
+    try:
+        with urllib.request.urlopen(url, timeout=SERVER_TIMEOUT) as response:
+            return json.load(response)["experiment"]
+    except urllib.error.HTTPError as error:
+        if error.code == 404 and b"RESOURCE_DOES_NOT_EXIST" in error.read():
+            return None
+        raise
+
+
+def find_experiment(uri: str, args: Sequence[str], environ: Mapping[str, str]) -> dict | None:
+    """The experiment `mlflow run` with these options will log to, as MLflow picks it
+    (--experiment-id, --experiment-name, their environment variables, else Default).
+
+    Returns:
+        {"experiment_id", "name", "artifact_location"}, or None when it does not exist
+        yet (`mlflow run` then makes it through the server).
+    """
+    name = _option(args, "--experiment-name") or environ.get("MLFLOW_EXPERIMENT_NAME", "")
+    experiment_id = _option(args, "--experiment-id") or environ.get("MLFLOW_EXPERIMENT_ID", "")
+    if experiment_id:
+        name = ""
+    plain = urlsplit(uri).scheme in ("http", "https") and not any(
+        environ.get(f"MLFLOW_TRACKING_{key}") for key in ("USERNAME", "TOKEN", "INSECURE_TLS")
+    )
+    if plain:
+        try:
+            return _experiment_over_rest(uri, name, experiment_id or "0")
+        except (OSError, ValueError, KeyError):
+            pass  # MLflow's client says why, below
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = (
+        client.get_experiment_by_name(name) if name else client.get_experiment(experiment_id or "0")
+    )
+    if found is None:
+        return None
+    return {
+        "experiment_id": found.experiment_id,
+        "name": found.name,
+        "artifact_location": found.artifact_location,
+    }
+
+
+def local_artifacts(plan: Plan, project_dir: Path, args: Sequence[str]) -> dict | None:
+    """When the run's experiment keeps artifacts in a local folder, plan for them to land.
+
+    Adds the folder's mount and owner (artifact_docker_args) to the plan.
+
+    Returns:
+        None for an experiment whose artifacts go through the server (or one that does not
+        exist yet: `mlflow run` makes it there); else the parsed `mlflow run` options with
+        "experiment_id" and "tracking_uri": create_run_first() then makes each run.
+    """
+    if _option(args, "--run-id"):
+        return None
+    experiment = find_experiment(plan.tracking_uri, args, os.environ)
+    folder = local_folder(experiment["artifact_location"]) if experiment else None
+    if folder is None:
+        return None
+    options = parse_run_options(str(project_dir), args)
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = (folder.stat().st_uid, folder.stat().st_gid)
+    plan.decide(*artifact_docker_args(experiment["name"], folder, owner))
+    return {
+        **options,
+        "experiment_id": experiment["experiment_id"],
+        "tracking_uri": plan.tracking_uri,
+    }
+
+
+def create_run_first(
+    project_dir: Path, options: Mapping, parameters: Mapping[str, str], user: str
+) -> str:
+    """Create the run as `mlflow run` would (same tags and parameters, by MLflow's own
+    functions) and its local artifact folder, owned by the container's user; `mlflow run
+    --run-id` then uses it. Docker would otherwise create the folder as root.
+
+    Returns:
+        The run id.
+    """
+    import mlflow
+    from mlflow.projects.utils import fetch_and_validate_project, get_or_create_run
+
+    mlflow.set_tracking_uri(options["tracking_uri"])
+    entry_point = options["entry_point"]
+    work_dir = fetch_and_validate_project(str(project_dir), None, entry_point, dict(parameters))
+    run = get_or_create_run(
+        None, str(project_dir), options["experiment_id"], work_dir, None, entry_point,
+        dict(parameters),
+    )  # fmt: skip
+    run_folder = local_folder(run.info.artifact_uri)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0 and re.fullmatch(r"\d+:\d+", user):
+        uid, gid = (int(part) for part in user.split(":"))
+        for path in (run_folder.parent, run_folder):
+            os.chown(path, uid, gid)
+    return run.info.run_id
+
+
+def prepare_run(
+    plan: Plan, project_dir: Path, args: Sequence[str], base_image: str, out=None
+) -> dict | None:
+    """Build the image for the code in project_dir and plan where artifacts land.
+
+    Returns:
+        local_artifacts()'s answer: the options to create runs with, or None.
+    """
+    identity = build_image(project_dir, base_image, out=out)
+    plan.decide(*code_docker_args(identity))
+    return local_artifacts(plan, project_dir, args)
 
 
 # ----------------------------------------------------------------------------
@@ -444,8 +788,15 @@ def run_sweep(
     parallel: int,
     experiment_name: str | None,
     poll_seconds: float = 2.0,
+    project_dir: Path = PROJECT_DIR,
+    first_run: Callable[[Mapping[str, str]], str] | None = None,
 ) -> list[dict[str, object]]:
     """Launch the runs, at most `parallel` at once, each on its own GPU slot; wait for all.
+
+    Args:
+        project_dir: the project each run starts (this folder, or a checkout of a version).
+        first_run: for an experiment with a local artifact folder, creates each run just
+            before its launch (create_run_first) and returns its id.
 
     Returns:
         One row per run: its parameters, run id, status and final metrics.
@@ -470,13 +821,15 @@ def run_sweep(
                 flush=True,
             )
             try:
+                created = {"run_id": first_run(params)} if first_run else {}
                 submitted = mlflow.projects.run(
-                    str(PROJECT_DIR),
+                    str(project_dir),
                     entry_point="main",
                     parameters=dict(params),
                     docker_args=docker_args,
                     experiment_name=experiment_name,
                     synchronous=False,
+                    **created,
                 )
             except Exception as error:  # a launch failure fails that run, not the sweep
                 results[index] = {**params, "run_id": "", "status": f"NOT STARTED: {error}"}
@@ -533,18 +886,43 @@ def host_plan(mlflow_run_args: Sequence[str] = ()) -> tuple[Plan, GpuInfo]:
     return plan, gpus
 
 
+def checkout_if_asked(plan: Plan, url: str, version: str) -> Path:
+    """The project folder a run starts: this one, or a fresh checkout of a git version
+    (--git-url URL, --version V; a version alone means this folder's repository)."""
+    if not (url or version):
+        return PROJECT_DIR
+    plan.cleanup = tempfile.mkdtemp(prefix="mlflow-version-")
+    project_dir = Path(plan.cleanup) / "project"
+    source = url or str(PROJECT_DIR)
+    commit = checkout_version(source, version, project_dir)
+    plan.project = str(project_dir)
+    plan.messages.append(f"version: {version or 'HEAD'} of {source} is commit {commit}")
+    return project_dir
+
+
+def _say(plan: Plan, shown: int, stream) -> int:
+    """Print the plan's lines not shown yet; returns how many are shown now."""
+    for line in plan.messages[shown:]:
+        print(line, file=stream, flush=True)
+    return len(plan.messages)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "plan",
-        help="print the bash lines project_driver.bash evaluates (messages on stderr); "
+        help="check the server, build the image, print the bash lines project_driver.bash "
+        "evaluates (messages on stderr); --git-url URL --version V pick a version from git, "
         "the mlflow run options that follow are passed on",
     )
     commands.add_parser(
         "check", help="only check that the tracking server answers (make run does, before building)"
     )
+    build = commands.add_parser("build", help="build the image for the code in a folder")
+    build.add_argument("--project-dir", type=Path, default=PROJECT_DIR)
+    build.add_argument("--base-image", default=os.environ.get("BASE_IMAGE", ""))
     sweep = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
     sweep.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
     sweep.add_argument("--grid", type=Path, help="YAML file of parameter values")
@@ -552,18 +930,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--parallel", type=int, default=0, help="runs at once (default: GPUs, or 2 on the CPU)"
     )
     sweep.add_argument("--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
+    sweep.add_argument("--git-url", default="", help="sweep a version from this repository")
+    sweep.add_argument("--version", default="", help="the commit, branch or tag to sweep")
     # `plan` takes any `mlflow run` options after it, which argparse would reject.
     args = parser.parse_args(argv[:1] if argv[:1] == ["plan"] else argv)
+    base_image = os.environ.get("BASE_IMAGE", "")
 
+    plan = None
     try:
         if args.command == "plan":
-            plan, _ = host_plan(argv[1:])
-            for line in plan.messages:
-                print(line, file=sys.stderr)
+            url, version, rest = split_version_args(argv[1:])
+            plan, _ = host_plan(rest)
+            plan.run_args = list(rest)
+            project_dir = checkout_if_asked(plan, url, version)
+            shown = _say(plan, 0, sys.stderr)
+            local = prepare_run(plan, project_dir, rest, base_image, out=sys.stderr)
+            if local:
+                user = str(plan.docker_args.get("user", ""))
+                run_id = create_run_first(project_dir, local, local["parameters"], user)
+                plan.run_args += ["--run-id", run_id]
+            _say(plan, shown, sys.stderr)
             sys.stdout.write(shell_plan(plan))
             return 0
         if args.command == "check":
             host_plan()
+            return 0
+        if args.command == "build":
+            identity = build_image(args.project_dir, args.base_image)
+            print(identity["line"])
             return 0
 
         grid = load_grid_file(args.grid) if args.grid else {}
@@ -575,17 +969,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_param_names(points, list(spec["entry_points"]["main"]["parameters"]))
         plan, gpus = host_plan()
         os.environ["MLFLOW_TRACKING_URI"] = plan.tracking_uri
-        for line in plan.messages:
-            print(line)
+        project_dir = checkout_if_asked(plan, args.git_url, args.version)
+        shown = _say(plan, 0, sys.stdout)
+        experiment = ["--experiment-name", args.experiment_name] if args.experiment_name else []
+        local = prepare_run(plan, project_dir, experiment, base_image)
+        _say(plan, shown, sys.stdout)
+        user = str(plan.docker_args.get("user", ""))
+        first_run = (
+            (lambda params: create_run_first(project_dir, local, params, user)) if local else None
+        )
         parallel = args.parallel or (gpus.count if gpus.runtime and gpus.count else 2)
         print(f"sweep: {len(points)} runs, {parallel} at once, image {read_image_tag()}")
         gpu_setting = os.environ.get("GPUS", "auto")
         rows = run_sweep(
-            points, plan.docker_args, gpus, gpu_setting, parallel, args.experiment_name
+            points,
+            plan.docker_args,
+            gpus,
+            gpu_setting,
+            parallel,
+            args.experiment_name,
+            project_dir=project_dir,
+            first_run=first_run,
         )
     except DriverError as error:
         print(f"error: {error}", file=sys.stderr)
+        if plan is not None and plan.cleanup:
+            shutil.rmtree(plan.cleanup, ignore_errors=True)
         return 2
+    finally:
+        if args.command == "sweep" and plan is not None and plan.cleanup:
+            shutil.rmtree(plan.cleanup, ignore_errors=True)
     print()
     print(format_table(rows))
     failed = [row for row in rows if row["status"] != "FINISHED"]

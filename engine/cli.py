@@ -8,6 +8,7 @@ import sys
 import time
 import warnings
 
+from engine import provenance
 from engine.config import UserError, parse_config
 
 
@@ -37,7 +38,7 @@ def main(
     started = time.time()
     try:
         result = run_training(cfg, load_data, define_network)
-    except UserError as err:
+    except (UserError, provenance.ProvenanceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\ndone in {time.time() - started:.0f} s")

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import tempfile
 import urllib.error
 import urllib.parse
@@ -91,17 +90,6 @@ def set_experiment(name: str, uri: str) -> None:
         db_dir = Path(uri.removeprefix("sqlite:///")).parent
         mlflow.create_experiment(name, artifact_location=(db_dir / "mlruns").as_uri())
     mlflow.set_experiment(name)
-
-
-def git_commit() -> str:
-    """The project folder's git commit, or "unknown" outside a git checkout."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-            check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def log_new_params(run_id: str, params: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import checkpoints, evaluation, tracking
+from engine import checkpoints, evaluation, provenance, tracking
 from engine.config import RunConfig, UserError
 from engine.images import DataInfo
 from engine.network import build_network, class_probabilities, encode_labels
@@ -288,8 +288,9 @@ def run_training(
         run_id = run.info.run_id
         folder = root / run_id
         print(f"logging to {tracking_uri}, run {run_id}")
+        code = provenance.check_and_tag(run_id, tracking.PROJECT_DIR)  # stops a stale image
         mlflow.set_tags({
-            "git_commit": tracking.git_commit(), "data_source": info.source or "data",
+            "git_commit": code["commit"], "data_source": info.source or "data",
             "network": model.name, "checkpoint_dir": str(folder),
             # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
             "process.host": socket.gethostname(), "process.pid": str(os.getpid()),

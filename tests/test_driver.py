@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 import project_driver as driver
+from engine import provenance
 from project_driver import DriverError, GpuInfo
 
 PROJECT_DIR = Path(driver.__file__).resolve().parent
@@ -33,15 +34,35 @@ ONE_GPU = GpuInfo(runtime=True, count=1)
 # ---------------------------------------------------------------------------
 
 
+# What the fake server says about an experiment: its artifacts go through the server.
+SERVER_EXPERIMENT = {
+    "experiment": {
+        "experiment_id": "0",
+        "name": "Default",
+        "artifact_location": "mlflow-artifacts:/0",
+        "lifecycle_stage": "active",
+    }
+}
+
+
 @pytest.fixture
 def http_server():
-    """A loopback HTTP server that answers every GET with 200 OK; yields its URL."""
+    """A loopback HTTP server that answers every GET with 200 OK (and MLflow's experiment
+    API with an experiment whose artifacts go through the server); yields its URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the stdlib's name)
+            if "experiment_name=missing" in self.path:
+                self.send_response(404)
+                self.end_headers()
+                self.wfile.write(b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}')
+                return
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(b"OK")
+            if "/mlflow/experiments/" in self.path:
+                self.wfile.write(json.dumps(SERVER_EXPERIMENT).encode())
+            else:
+                self.wfile.write(b"OK")
 
         def log_message(self, *args):
             pass
@@ -258,17 +279,19 @@ def test_a_docker_arg_the_user_gives_replaces_the_drivers():
 
 def test_shell_plan_quotes_values_for_bash():
     plan = driver.Plan("http://h:5000/a b", {"gpus": "device=0,1", "rm": True})
+    plan.run_args = ["-P", "run_name=a b", "--run-id", "x"]
+    plan.project, plan.cleanup = "/tmp/v 1/project", "/tmp/v 1"
+    show = 'printf "%s|" "$MLFLOW_TRACKING_URI" "$project" "${docker_args[@]}" "${run_args[@]}" '
     out = subprocess.run(
-        [
-            "bash",
-            "-c",
-            driver.shell_plan(plan) + 'printf "%s|" "$MLFLOW_TRACKING_URI" "${docker_args[@]}"',
-        ],
+        ["bash", "-c", driver.shell_plan(plan) + show + '"$cleanup"'],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert out == "http://h:5000/a b|-A|gpus=device=0,1|-A|rm|"
+    assert out == (
+        "http://h:5000/a b|/tmp/v 1/project|-A|gpus=device=0,1|-A|rm|"
+        "-P|run_name=a b|--run-id|x|/tmp/v 1|"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +300,7 @@ def test_shell_plan_quotes_values_for_bash():
 
 
 def run_bash_driver(fake_bin, tmp_path, uri, *args, runtimes=None):
-    fake_docker(fake_bin, runtimes or {"runc": {}})
+    fake_docker(fake_bin, runtimes or {"runc": {}})  # `docker build` succeeds too
     argv_file = tmp_path / "mlflow-argv.txt"
     fake_command(
         fake_bin,
@@ -310,6 +333,7 @@ def test_bash_driver_runs_mlflow_run_with_the_plan_and_passes_args_through(
     uid = (
         f"{os.getuid()}:{os.getgid()}" if os.getuid() else f"{driver.IMAGE_UID}:{driver.IMAGE_UID}"
     )
+    content_hash = provenance.code_identity(PROJECT_DIR)["content_hash"]
     assert argv == [
         http_server,
         "run",
@@ -320,12 +344,15 @@ def test_bash_driver_runs_mlflow_run_with_the_plan_and_passes_args_through(
         f"user={uid}",
         "-A",
         f"volume={tmp_path}:{tmp_path}",
+        "-A",
+        f"env={provenance.EXPECTED_HASH_ENV}={content_hash}",
         "-P",
         "epochs=3",
         "--experiment-name",
         "trials",
     ]
     assert "training runs on the CPU" in done.stderr
+    assert f"code {content_hash[:12]}" in done.stderr  # the image line: which code it holds
 
 
 def test_bash_driver_passes_gpus_all_when_docker_has_the_nvidia_runtime(
@@ -491,13 +518,9 @@ def test_sweep_without_values_and_with_unknown_names_exits_2_before_launching(ca
 # ---------------------------------------------------------------------------
 
 
-def test_makefile_builds_the_tag_written_in_mlproject():
+def test_make_build_builds_the_tag_written_in_mlproject_and_one_per_code_version():
     tag = driver.read_image_tag()
     assert tag and ":" in tag
-    dry_run = subprocess.run(
-        ["make", "-s", "-n", "build"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
-    ).stdout
-    assert f"-t {tag} ." in dry_run
     with_base = subprocess.run(
         ["make", "-s", "-n", "build", "BASE_IMAGE=debian:bookworm"],
         cwd=PROJECT_DIR,
@@ -505,7 +528,31 @@ def test_makefile_builds_the_tag_written_in_mlproject():
         text=True,
         check=True,
     ).stdout
-    assert "--build-arg BASE_IMAGE=debian:bookworm" in with_base
+    assert "BASE_IMAGE=debian:bookworm" in with_base and "project_driver.py build" in with_base
+    identity = {"commit": "c0ffee" * 6 + "abcd", "dirty": False, "content_hash": "ab12" * 16}
+    command = driver.build_command(PROJECT_DIR, tag, identity, "debian:bookworm")
+    repository = tag.rsplit(":", 1)[0]
+    assert command[:6] == ["docker", "build", "-t", tag, "-t", f"{repository}:code-{'ab12' * 3}"]
+    assert command[-1] == str(PROJECT_DIR)
+    build_args = dict(
+        command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--build-arg"
+    )
+    assert build_args == {
+        "BASE_IMAGE": "debian:bookworm",
+        "CODE_COMMIT": identity["commit"],
+        "CODE_DIRTY": "false",
+        "CODE_CONTENT_HASH": identity["content_hash"],
+        "CODE_IMAGE": f"{repository}:code-{'ab12' * 3}",
+    }
+    # Without BASE_IMAGE the Dockerfile's own base is used.
+    assert "BASE_IMAGE" not in " ".join(driver.build_command(PROJECT_DIR, tag, identity))
+
+
+def test_code_tag_keeps_a_registry_port_and_path():
+    assert driver.code_image_tag("reg:5000/team/img:latest", "f" * 64) == (
+        "reg:5000/team/img:code-ffffffffffff"
+    )
+    assert driver.code_image_tag("reg:5000/img", "f" * 64) == "reg:5000/img:code-ffffffffffff"
 
 
 def test_make_help_lists_the_docker_targets():
@@ -521,9 +568,12 @@ def test_dockerfile_base_is_pinned_and_overridable():
     assert "ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu\nFROM ${BASE_IMAGE}" in dockerfile
     requirements = (PROJECT_DIR / "requirements.txt").read_text()
     assert "tensorflow==2.21.0" in requirements  # the base's TensorFlow, so pip keeps it
-    # The project code is the last thing copied, so editing it rebuilds one layer.
+    # The project code is the last thing copied, so editing it rebuilds one layer; only
+    # the identity (labels, the bake step that checks the hash) comes after it.
     copies = [line for line in dockerfile.splitlines() if line.startswith("COPY")]
     assert copies[-1].endswith(" . .")
+    after_copy = dockerfile.split(copies[-1])[1]
+    assert "LABEL code.commit=" in after_copy and "engine.provenance bake" in after_copy
 
 
 # ---------------------------------------------------------------------------
@@ -575,3 +625,317 @@ def test_project_name_is_a_valid_kubernetes_name():
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), (
         f"MLproject name {name!r} is not a valid Kubernetes name: use '-' instead of '_'"
     )
+
+
+# ---------------------------------------------------------------------------
+# The code's identity (engine/provenance.py): which files, which content, which commit
+# ---------------------------------------------------------------------------
+
+
+def git(folder: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def make_project(folder: Path, dockerignore: str, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".dockerignore").write_text(textwrap.dedent(dockerignore))
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def commit_all(folder: Path, message: str = "code") -> str:
+    if not (folder / ".git").exists():
+        git(folder, "init", "--quiet")
+    git(folder, "add", "-A")
+    git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", message)
+    return git(folder, "rev-parse", "HEAD")
+
+
+# Docker's rules: the last matching line wins, a line matches a file or any folder above
+# it, `*` stays in one folder and `**` crosses folders, "!" lets files back in.
+DOCKERIGNORE = """\
+    # a comment
+    *
+    !.dockerignore
+    !*.py
+    !/MLproject
+    !pkg/*.py
+    !**/keep.txt
+    pkg/secret.py
+    tests
+    .venv
+    """
+
+
+@pytest.mark.parametrize(
+    ("path", "sent"),
+    [
+        ("train.py", True),
+        ("MLproject", True),  # the leading "/" means the context's root, as in Docker
+        ("README.md", False),
+        ("pkg/model.py", True),
+        ("pkg/secret.py", False),  # a later line wins over !pkg/*.py
+        ("pkg/sub/deep.py", False),  # `*` in !pkg/*.py does not cross folders
+        ("docs/deep/keep.txt", True),  # `**` does
+        ("other/model.py", False),  # !*.py is the top folder only
+        ("tests/test_x.py", False),  # `tests` leaves out everything below it
+        ("tests/keep.txt", False),
+    ],
+)
+def test_dockerignore_rules_are_dockers(tmp_path, path, sent):
+    project = make_project(tmp_path / "p", DOCKERIGNORE, {path: "x\n"})
+    assert (path in provenance.context_files(project)) is sent
+
+
+def test_context_files_are_those_the_build_sends_and_big_ignored_folders_are_not_walked(
+    tmp_path, monkeypatch
+):
+    project = make_project(
+        tmp_path / "p",
+        DOCKERIGNORE,
+        {
+            "train.py": "print(1)\n",
+            "MLproject": "name: x\n",
+            "README.md": "read me\n",
+            "pkg/model.py": "m = 1\n",
+            "pkg/secret.py": "s = 1\n",
+            "tests/test_x.py": "t = 1\n",
+            ".venv/lib/site.py": "v = 1\n",
+            provenance.BAKED_FILE: "{}",
+        },
+    )
+    walked = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(
+        provenance.os, "scandir", lambda path: walked.append(Path(path).name) or real_scandir(path)
+    )
+    files = provenance.context_files(project)
+    assert files == [".dockerignore", "MLproject", "pkg/model.py", "train.py"]
+    assert "tests" not in walked and ".venv" not in walked  # nothing could be let in there
+
+
+def test_this_projects_context_holds_the_code_and_no_tests_data_or_venv():
+    files = provenance.context_files(PROJECT_DIR)
+    assert {".dockerignore", "MLproject", "train.py", "engine/provenance.py"} <= set(files)
+    assert "requirements.txt" in files and "tracking_server/requirements.txt" in files
+    outside = ("tests/", ".venv/", ".git/", "data/", "mlruns/", "mlartifacts/", "outputs/")
+    assert not [path for path in files if path.startswith(outside) or "__pycache__" in path]
+
+
+def test_content_hash_counts_sent_files_only_and_commit_says_dirty(tmp_path):
+    project = make_project(
+        tmp_path / "p", DOCKERIGNORE, {"train.py": "print(1)\n", "README.md": "hi\n"}
+    )
+    commit = commit_all(project)
+    clean = provenance.code_identity(project)
+    assert clean["commit"] == commit and clean["dirty"] is False
+    assert len(clean["content_hash"]) == 64
+
+    (project / "README.md").write_text("edited, but not in the image\n")
+    assert provenance.code_identity(project) == clean
+
+    (project / "train.py").write_text("print(2)\n")  # an uncommitted edit counts
+    edited = provenance.code_identity(project)
+    assert edited["commit"] == commit and edited["dirty"] is True
+    assert edited["content_hash"] != clean["content_hash"]
+
+    (project / "train.py").write_text("print(1)\n")
+    (project / "new.py").write_text("x = 1\n")  # so does a new file the build would send
+    assert provenance.code_identity(project)["dirty"] is True
+    (project / "new.py").unlink()
+    assert provenance.code_identity(project) == clean
+
+
+def test_in_the_image_the_commit_comes_from_the_baked_file_while_the_code_is_unchanged(
+    tmp_path,
+):
+    project = make_project(tmp_path / "p", DOCKERIGNORE, {"train.py": "print(1)\n"})
+    commit = commit_all(project)
+    host = provenance.code_identity(project)
+    image = tmp_path / "image"  # the code as COPY puts it into the image: no .git
+    make_project(image, DOCKERIGNORE, {"train.py": "print(1)\n"})
+    assert provenance.code_identity(image)["commit"] == provenance.UNKNOWN
+
+    baked = provenance.bake(image, commit, False, host["content_hash"], "img:code-x")
+    assert baked["content_hash"] == host["content_hash"]
+    assert provenance.code_identity(image) == host  # same hash, commit and dirty flag
+
+    (image / "train.py").write_text("print('changed in the container')\n")
+    assert provenance.code_identity(image)["commit"] == provenance.UNKNOWN
+
+
+def test_bake_stops_when_the_image_received_other_files_than_the_host_hashed(tmp_path):
+    image = make_project(tmp_path / "image", DOCKERIGNORE, {"train.py": "print(1)\n"})
+    with pytest.raises(provenance.ProvenanceError, match="other code.*Files in the image"):
+        provenance.bake(image, "abc", False, "0" * 64, "img:code-0")
+    assert not (image / provenance.BAKED_FILE).exists()
+    assert provenance.main(["bake", "--project-dir", str(image), "--content-hash", "1"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# At run start: the run stops before training when the image is stale
+# ---------------------------------------------------------------------------
+
+A, B = "a" * 40, "b" * 40
+IN_IMAGE = {"commit": A, "dirty": False, "content_hash": "1" * 64}
+BAKED = {**IN_IMAGE, "image": "img:code-111111111111"}
+
+
+def test_the_code_the_run_is_tagged_with_runs():
+    assert provenance.mismatch(IN_IMAGE, A, IN_IMAGE["content_hash"], BAKED) is None
+    assert provenance.mismatch(IN_IMAGE, None, None, None) is None  # no commit to check
+
+
+def test_a_stale_image_stops_the_run_saying_what_it_holds_and_how_to_rebuild():
+    message = provenance.mismatch(IN_IMAGE, B, None, BAKED)
+    assert f"tagged commit {B[:12]}" in message and f"commit {A[:12]}" in message
+    assert "img:code-111111111111" in message and "make run" in message
+
+
+def test_code_other_than_the_driver_built_stops_the_run():
+    message = provenance.mismatch(IN_IMAGE, A, "2" * 64, BAKED)
+    assert "222222222222" in message and "another build replaced the image" in message
+
+
+@pytest.mark.parametrize(
+    ("baked", "says"),
+    [
+        (None, "no code identity"),
+        ({**BAKED, "content_hash": "3" * 64}, "differs from the code baked into the image"),
+        ({**BAKED, "commit": "unknown"}, "without its git commit"),
+    ],
+)
+def test_code_of_unknown_commit_stops_a_run_tagged_with_a_commit(baked, says):
+    present = {**IN_IMAGE, "commit": provenance.UNKNOWN}
+    assert says in provenance.mismatch(present, A, None, baked)
+
+
+def test_check_and_tag_tags_the_code_a_run_runs_or_fails_it(tmp_path, monkeypatch):
+    import mlflow
+
+    project = make_project(tmp_path / "p", DOCKERIGNORE, {"train.py": "print(1)\n"})
+    commit = commit_all(project)
+    monkeypatch.delenv(provenance.EXPECTED_HASH_ENV, raising=False)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+
+    run = client.create_run(experiment, tags={"mlflow.source.git.commit": commit})
+    code = provenance.check_and_tag(run.info.run_id, project, client)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["code.commit"] == code["commit"] == commit
+    assert tags["code.content_hash"] == code["content_hash"] and tags["code.dirty"] == "false"
+
+    stale = client.create_run(experiment, tags={"mlflow.source.git.commit": B})
+    with pytest.raises(provenance.ProvenanceError, match="the image is stale"):
+        provenance.check_and_tag(stale.info.run_id, project, client)
+    assert "code.commit" not in client.get_run(stale.info.run_id).data.tags
+
+
+# ---------------------------------------------------------------------------
+# A version from git
+# ---------------------------------------------------------------------------
+
+
+def test_version_options_are_the_drivers_and_the_rest_goes_to_mlflow():
+    url, version, rest = driver.split_version_args(
+        ["--git-url", "file:///r.git", "-P", "epochs=1", "--version=abc", "--run-name", "x"]
+    )
+    assert (url, version, rest) == ("file:///r.git", "abc", ["-P", "epochs=1", "--run-name", "x"])
+    assert driver.split_version_args(["-v", "main"])[1] == "main"
+    with pytest.raises(DriverError, match="--git-url needs a value"):
+        driver.split_version_args(["--git-url"])
+
+
+def test_checkout_of_a_version_from_a_bare_repository(tmp_path):
+    project = make_project(tmp_path / "p", DOCKERIGNORE, {"train.py": "print(1)\n"})
+    first = commit_all(project, "first")
+    (project / "train.py").write_text("print(2)\n")
+    commit_all(project, "second")
+    bare = tmp_path / "fork.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(project), str(bare)], check=True)
+
+    checkout = tmp_path / "checkout"
+    assert driver.checkout_version(bare.as_uri(), first, checkout) == first
+    assert (checkout / "train.py").read_text() == "print(1)\n"
+    assert provenance.code_identity(checkout)["commit"] == first
+    with pytest.raises(DriverError, match="checkout"):
+        driver.checkout_version(bare.as_uri(), "no-such-version", tmp_path / "other")
+
+
+# ---------------------------------------------------------------------------
+# Artifacts in a local folder (experiments made without a server, e.g. by quickstart)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "folder"),
+    [
+        ("/p/mlruns/0", Path("/p/mlruns/0")),
+        ("file:///p/ml%20runs/0", Path("/p/ml runs/0")),
+        ("mlruns/0", driver.PROJECT_DIR / "mlruns/0"),
+        ("mlflow-artifacts:/0", None),
+        ("s3://bucket/0", None),
+    ],
+)
+def test_local_artifact_folders_are_recognised(location, folder):
+    assert driver.local_folder(location) == folder
+
+
+def test_the_experiment_is_found_as_mlflow_run_picks_it(http_server):
+    found = driver.find_experiment(http_server, ["--experiment-name", "trials"], {})
+    assert found["artifact_location"] == "mlflow-artifacts:/0"
+    # Not there yet: mlflow run creates it through the server, so nothing to prepare.
+    assert driver.find_experiment(http_server, ["--experiment-name=missing"], {}) is None
+    environ = {"MLFLOW_EXPERIMENT_NAME": "missing"}
+    assert driver.find_experiment(http_server, [], environ) is None
+    assert driver.find_experiment(http_server, ["--experiment-id", "0"], environ) is not None
+
+
+def test_a_local_experiment_folder_is_mounted_and_the_run_made_first_owned_by_its_user(
+    tmp_path,
+):
+    import mlflow
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("MLproject", "train.py"):  # what MLflow's project loader reads
+        (project / name).write_text((PROJECT_DIR / name).read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "mlruns" / "0"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("local", artifact_location=str(folder))
+
+    plan = driver.Plan(uri, {"user": "1000:1000"})
+    args = ["-P", "epochs=2", "--experiment-name", "local"]
+    options = driver.local_artifacts(plan, project, args)
+    owner = f"{folder.stat().st_uid}:{folder.stat().st_gid}"
+    assert plan.docker_args == {
+        "user": owner,  # the folder's owner, root included, replaces the driver's choice
+        "mount": f"type=bind,source={folder},target={folder}",
+    }
+    assert "keeps artifacts in the local folder" in plan.messages[-1]
+
+    run_id = driver.create_run_first(project, options, options["parameters"], owner)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.params["epochs"] == "2"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+    run_folder = Path(run.info.artifact_uri)
+    assert run_folder.is_dir() and f"{run_folder.stat().st_uid}:{run_folder.stat().st_gid}" == owner
+
+    # An experiment made through the server (or not made yet) needs nothing.
+    plan = driver.Plan(uri, {"user": "1000:1000"})
+    assert driver.local_artifacts(plan, project, ["--experiment-name", "new"]) is None
+    assert plan.docker_args == {"user": "1000:1000"}
+
+
+def test_a_rebuild_keeps_the_base_the_image_was_built_on(fake_bin):
+    fake_command(fake_bin, "docker", "echo py-tf2-base:bookworm-py311\n")
+    assert driver.previous_base("img:latest") == "py-tf2-base:bookworm-py311"
+    fake_command(fake_bin, "docker", "echo '<no value>'\n")  # an image without the label
+    assert driver.previous_base("img:latest") == ""
+    fake_command(fake_bin, "docker", "exit 1\n")  # no image yet
+    assert driver.previous_base("img:latest") == ""

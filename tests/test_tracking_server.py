@@ -337,3 +337,15 @@ def test_make_server_starts_once_and_stops_only_its_own_process(tmp_path):
         decoy.kill()
         if pid_file.exists():
             run("stop")
+
+
+def test_every_file_the_server_image_copies_is_in_the_build_context():
+    """tracking_server/Dockerfile builds from the project folder; .dockerignore must let in
+    each file it COPYs, or `make stack-up` fails at build time."""
+    from engine.provenance import context_files
+
+    sent = set(context_files(ROOT))
+    copies = [line.split()[1:-1] for line in (ROOT / "tracking_server/Dockerfile").read_text()
+              .splitlines() if line.startswith("COPY ")]  # fmt: skip
+    sources = [source for sources in copies for source in sources]
+    assert sources and set(sources) <= sent, set(sources) - sent
