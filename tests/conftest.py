@@ -36,6 +36,21 @@ def train_and_log(cfg: train.Config) -> TrainResult:
     return run_training(cfg, train.load_data, train.define_network)
 
 
+@pytest.fixture(autouse=True)
+def no_active_experiment(monkeypatch):
+    """Each test starts and ends with no active MLflow experiment.
+
+    mlflow.set_experiment (lifecycle.validate calls it) keeps the experiment in a module
+    global and in os.environ["MLFLOW_EXPERIMENT_ID"]; left there, a later test on a new
+    store would start runs in an experiment that store does not have.
+    """
+    import mlflow.tracking.fluent
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # undone at the end: back to unset
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch) -> str:
     """A fresh local sqlite tracking store for one test; returns its URI."""
