@@ -3,6 +3,7 @@
 Three things live here, top to bottom, and they are yours:
     Config                                          every knob of your data and network
     load_data(cfg)                                  -> (train_ds, val_ds, info)
+                                                       (info.test_ds: the test split)
     define_network(input_shape, num_classes, cfg)   -> keras.Model, compiled or not
 The engine/ package does the rest (decoding, caching, tracking, plots, the training
 loop, the flags) and never imports this file.
@@ -59,6 +60,9 @@ class Config(RunConfig):
     )
     path_column: str = knob("path", "dataframe: the column holding image paths")
     label_column: str = knob("label", "dataframe: the column holding labels")
+    split_column: str = knob(
+        "split", "dataframe: a column naming each row's split (train/val/test), used if present"
+    )
     demo_samples: int = knob(1000, "demo: how many synthetic images to make")
     # network
     convolutions: int = knob(0, "N >= 1: small CNN of N conv layers; 0: VGG16 transfer learning")
@@ -107,7 +111,7 @@ DATA_SOURCES: dict[str, Callable[[Config], tuple]] = {
     "tfds": lambda cfg: src.load_tfds(cfg.dataset, cfg.data_dir, cfg),
     "imagedir": lambda cfg: src.load_imagedir(cfg.data_dir, cfg),
     "dataframe": lambda cfg: src.load_dataframe(
-        cfg.data_dir, cfg, cfg.path_column, cfg.label_column
+        cfg.data_dir, cfg, cfg.path_column, cfg.label_column, cfg.split_column
     ),
     "arrays": lambda cfg: src.load_arrays(cfg.data_dir, cfg),
     "demo": lambda cfg: src.load_demo(
@@ -123,7 +127,8 @@ def load_data(cfg: Config) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
         (train_ds, val_ds, info): batched tf.data pipelines of (images, labels): images
         (batch, H, W, C) with pixel values 0..255 (float32 or uint8) of shape
         info.image_shape, labels (batch,) int32 class indices, the training one
-        shuffled; and an engine.images.DataInfo with class names and counts.
+        shuffled; and an engine.images.DataInfo with class names and counts, whose
+        test_ds (batched like val_ds, or None) is scored once when training ends.
 
     Raises:
         UserError: the data is missing, empty, or has fewer than two classes.

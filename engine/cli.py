@@ -49,6 +49,9 @@ def main(
     print(f"best_epoch: {result.best_epoch + 1}")
     if "val_accuracy" in result.metrics:
         print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
+    if "test_accuracy" in result.test_metrics:
+        print(f"test_accuracy: {result.test_metrics['test_accuracy']:.4f} "
+              "(the test split: no choice was made on it)")  # fmt: skip
     if result.tracking_uri.startswith("sqlite:"):
         print(f"see it: make ui, or mlflow ui --backend-store-uri {result.tracking_uri} "
               "--port 5000, then open http://127.0.0.1:5000")  # fmt: skip

@@ -43,10 +43,16 @@ class RunConfig:
     # data handling (any source)
     image_size: int = knob(128, "images are resized to image_size x image_size")
     channels: int = knob(3, "1 (grayscale) or 3 (RGB); images are converted to this")
-    val_split: float = knob(0.2, "fraction of the data held out for validation")
+    val_split: float = knob(0.2, "fraction of the data held out for validation (picks the epoch)")
+    test_split: float = knob(
+        0.1, "fraction held out for the final test, which no choice is made on (0 = none)"
+    )
     training_samples: int = knob(0, "use at most this many training images (0 = all)")
     validation_samples: int = knob(0, "use at most this many validation images (0 = all)")
     cache: bool = knob(True, "keep decoded images in memory after the first epoch")
+    class_weight: str = knob(
+        "none", "none, or balanced: weight each class's loss by 1 / its share of training images"
+    )
     # training loop
     epochs: int = knob(5, "passes over the training data")
     batch_size: int = knob(32, "images per batch on each device")
@@ -99,6 +105,11 @@ class RunConfig:
             (self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}"),
             (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
             (0 < self.val_split < 1, f"val_split must be between 0 and 1, got {self.val_split}"),
+            (0 <= self.test_split < 1 and self.val_split + self.test_split < 1,
+             f"test_split must be in [0, 1) and leave training data beside val_split, got "
+             f"val_split {self.val_split} + test_split {self.test_split}"),
+            (self.class_weight in ("none", "balanced"),
+             f"class_weight must be none or balanced, got '{self.class_weight}'"),
             (self.training_samples >= 0 and self.validation_samples >= 0,
              "training_samples and validation_samples must be 0 (all) or positive"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),

@@ -7,13 +7,15 @@ evaluation and `lifecycle.py validate` both use these functions.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """accuracy, loss (cross-entropy), auc, precision, recall, f1 of (N, K) probabilities.
+    """accuracy, balanced_accuracy, loss (cross-entropy), auc, precision, recall, f1 of
+    (N, K) probabilities.
 
     Two classes: precision, recall and f1 of class index 1 (the positive class),
     ROC AUC of its probability. More classes: macro averages, and the macro
@@ -41,11 +43,34 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         "f1": float(metrics.f1_score(
             labels, predicted, average=average, labels=None if binary else every_class,
             zero_division=0)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
     }  # fmt: skip
     area = roc_auc(labels, probs)
     if area is not None:
         scores["auc"] = area
     return scores
+
+
+def per_class_metrics(
+    labels: np.ndarray, probs: np.ndarray, class_names: list[str]
+) -> dict[str, float]:
+    """precision_<class> and recall_<class> for every class (names made metric-safe)."""
+    from sklearn import metrics
+
+    every_class = list(range(len(class_names)))
+    predicted = probs.argmax(axis=1)
+    scores = {}
+    for name, score in (("precision", metrics.precision_score),
+                        ("recall", metrics.recall_score)):  # fmt: skip
+        values = score(labels, predicted, labels=every_class, average=None, zero_division=0)
+        for class_name, value in zip(class_names, values, strict=True):
+            scores[f"{name}_{metric_safe(class_name)}"] = float(value)
+    return scores
+
+
+def metric_safe(name: str) -> str:
+    """A class name as MLflow accepts in a metric name (letters, digits, _ - . / space)."""
+    return re.sub(r"[^\w\-. /]", "_", str(name))
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -99,7 +124,11 @@ def plot_learning_curves(history: dict[str, list[float]], path: Path) -> None:
 
 
 def plot_confusion_matrix(
-    labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: Path
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    split: str = "validation",
 ) -> np.ndarray:
     """Draw and save the confusion matrix (rows: true class); return it."""
     from sklearn.metrics import confusion_matrix
@@ -113,14 +142,16 @@ def plot_confusion_matrix(
         color = "white" if count > matrix.max() / 2 else "black"
         ax.text(j, i, str(count), ha="center", va="center", color=color)
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
-           title="validation confusion matrix")  # fmt: skip
+           title=f"{split} confusion matrix")  # fmt: skip
     ax.set_xticklabels(class_names, rotation=45, ha="right")
     ax.set_yticklabels(class_names)
     _save_figure(fig, path)
     return matrix
 
 
-def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path) -> float:
+def plot_roc(
+    labels: np.ndarray, scores: np.ndarray, path: Path, split: str = "validation"
+) -> float:
     """Draw and save the ROC curve of class 1's scores; return its area (scikit-learn's)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -130,19 +161,24 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path) -> float:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC = {area:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="validation ROC")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{split} ROC")
     ax.legend(loc="lower right")
     _save_figure(fig, path)
     return area
 
 
 def save_plots(
-    labels: np.ndarray, probs: np.ndarray, class_names: list[str], folder: Path
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+    folder: Path,
+    split: str = "validation",
 ) -> list[Path]:
     """The confusion matrix, and for two classes the ROC curve, as PNGs in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "confusion_matrix.png"]
-    plot_confusion_matrix(labels, probs.argmax(axis=1), class_names, written[0])
+    plot_confusion_matrix(labels, probs.argmax(axis=1), class_names, written[0], split)
     if len(class_names) == 2 and len(np.unique(labels)) == 2:
         written.append(folder / "roc_curve.png")
-        plot_roc(labels, probs[:, 1], written[-1])
+        plot_roc(labels, probs[:, 1], written[-1], split)
     return written

@@ -7,6 +7,7 @@ Every data source ends in `files_pipeline` (image files) or `arrays_pipeline`
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,7 +23,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 class DataInfo:
     """What the network and the logs need to know about the data.
 
-    load_data returns one beside its two pipelines.
+    load_data returns one beside its two pipelines; the test split, when the source
+    has one, travels in it (`test_ds`), so a load_data that makes none still works.
     """
 
     image_shape: tuple[int, int, int]  # (height, width, channels) after resizing
@@ -31,6 +33,14 @@ class DataInfo:
     val_count: int
     skipped_files: list[str] = field(default_factory=list)  # unreadable images left out
     source: str = ""  # a short name of where the data came from, for run names and tags
+    test_count: int = 0
+    # images per class in each split: {"train": [n0, n1, ...], "val": [...], "test": [...]}
+    class_counts: dict[str, list[int]] = field(default_factory=dict)
+    # the test split: batched like val_ds, evaluated once at the end of a run; None: no test
+    test_ds: tf.data.Dataset | None = field(default=None, repr=False, compare=False)
+    # what the run saw, for its MLflow dataset input: a table (path, label, split) for
+    # image files, or a name and a digest; see engine.tracking.log_dataset
+    lineage: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -122,15 +132,81 @@ def require_classes(labels, class_names: list[str]) -> None:
         )
 
 
-def split_indices(count: int, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded shuffle split into (train, val) index arrays, each non-empty and capped."""
-    order = np.random.default_rng(cfg.seed).permutation(count)
-    val_count = min(max(1, round(count * cfg.val_split)), count - 1)
-    val, train = order[:val_count], order[val_count:]
+SPLITS = ("train", "val", "test")
+# names a table's split column may use for each split
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+
+
+def _stratified(
+    indices: np.ndarray, labels: np.ndarray, rng: np.random.Generator, val: float, test: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """indices -> (train, val, test), each class split in the same proportions."""
+    parts: tuple[list, list, list] = ([], [], [])
+    for k in np.unique(labels[indices]):
+        members = rng.permutation(indices[labels[indices] == k])
+        n = len(members)
+        n_test = min(round(n * test), max(n - 2, 0))  # every class keeps a training image
+        n_val = min(round(n * val), n - n_test - 1)
+        parts[2].append(members[:n_test])
+        parts[1].append(members[n_test : n_test + n_val])
+        parts[0].append(members[n_test + n_val :])
+    train, val_idx, test_idx = (np.concatenate(p).astype(np.int64) for p in parts)
+    if not len(val_idx) and len(train) > 1:  # tiny data: one validation image at least
+        largest = np.bincount(labels[train]).argmax()
+        pick = np.flatnonzero(labels[train] == largest)[0]
+        val_idx, train = train[pick : pick + 1], np.delete(train, pick)
+    return train, val_idx, test_idx
+
+
+def split_indices(
+    labels, cfg: RunConfig, assigned: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded split into (train, val, test) index arrays, stratified by class.
+
+    The same labels and seed always give the same split. Each split is shuffled;
+    train and val are capped by cfg.training_samples / cfg.validation_samples.
+
+    Args:
+        labels: the class index of every example.
+        cfg: val_split, test_split, seed and the caps.
+        assigned: the split the source already gives each example (train, val or test;
+            see SPLIT_ALIASES). Examples it marks test or val stay there; when it marks
+            none val, val is split from its train examples by cfg.val_split.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    everything = np.arange(len(labels))
+    if assigned is None:
+        train, val, test = _stratified(everything, labels, rng, cfg.val_split, cfg.test_split)
+    else:
+        marks = np.asarray(assigned)
+        train, val, test = (everything[marks == name] for name in SPLITS)
+        if not len(val):
+            train, val, _ = _stratified(train, labels, rng, cfg.val_split, 0.0)
+    train, val, test = (rng.permutation(part) for part in (train, val, test))
     return (
         train[: _cap(len(train), cfg.training_samples)],
         val[: _cap(len(val), cfg.validation_samples)],
+        test,
     )
+
+
+def class_counts(labels, splits: tuple[np.ndarray, ...], num_classes: int) -> dict[str, list[int]]:
+    """Images per class in each split, as DataInfo.class_counts."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return {
+        name: np.bincount(labels[idx], minlength=num_classes).tolist()
+        for name, idx in zip(SPLITS, splits, strict=True)
+    }
+
+
+def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
+    """The split of each of `count` examples ("" for one left out by a cap)."""
+    names = np.full(count, "", dtype=object)
+    for name, idx in zip(SPLITS, splits, strict=True):
+        names[idx] = name
+    return names.tolist()
 
 
 def finish(ds: tf.data.Dataset, cfg: RunConfig, training: bool, count: int) -> tf.data.Dataset:
@@ -145,22 +221,32 @@ def finish(ds: tf.data.Dataset, cfg: RunConfig, training: bool, count: int) -> t
 
 
 def files_pipeline(
-    paths: list[str], labels: list[int], class_names: list[str], cfg: RunConfig, source: str = ""
+    paths: list[str],
+    labels: list[int],
+    class_names: list[str],
+    cfg: RunConfig,
+    source: str = "",
+    splits: list[str] | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Image files and their label indices -> (train_ds, val_ds, info).
 
     Corrupt or non-image files are skipped and reported (on the console, and in the
     run's `skipped_files` param); the run stops only when a class is left empty.
+    `splits` gives each file's split where the source names one (see split_indices);
+    otherwise train, val and test are drawn by cfg.val_split and cfg.test_split.
+    The test split is info.test_ds.
     """
     readable, skipped = split_readable(paths)
     if skipped:
         report_skipped(skipped)
-        label_of = dict(zip(paths, labels, strict=True))
-        paths, labels = readable, [label_of[p] for p in readable]
+        keep = set(readable)
+        kept = [i for i, p in enumerate(paths) if p in keep]
+        paths, labels = readable, [labels[i] for i in kept]
+        splits = None if splits is None else [splits[i] for i in kept]
     require_classes(labels, class_names)
 
     paths_arr, labels_arr = np.array(paths), np.array(labels, dtype=np.int32)
-    train_idx, val_idx = split_indices(len(paths), cfg)
+    parts = split_indices(labels_arr, cfg, splits)
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((paths_arr[idx], labels_arr[idx]))
@@ -173,10 +259,21 @@ def files_pipeline(
         ds = ds.ignore_errors()
         return finish(ds, cfg, training, len(idx))
 
+    table = {"path": paths, "label": [class_names[i] for i in labels],
+             "split": _split_names(len(paths), parts)}  # fmt: skip
+    lineage = {"name": source or "images", "source": os.path.commonpath(paths), "table": table}
+    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
+
+
+def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, lineage):
+    """(train_ds, val_ds, info) from a pipeline(indices, training) function and a split."""
+    train, val, test = parts
     info = DataInfo(
-        image_shape(cfg), list(class_names), len(train_idx), len(val_idx), skipped, source
-    )
-    return pipeline(train_idx, True), pipeline(val_idx, False), info
+        image_shape(cfg), list(class_names), len(train), len(val), skipped, source,
+        test_count=len(test), class_counts=class_counts(labels, parts, len(class_names)),
+        test_ds=pipeline(test, False) if len(test) else None, lineage=lineage,
+    )  # fmt: skip
+    return pipeline(train, True), pipeline(val, False), info
 
 
 def arrays_pipeline(
@@ -185,11 +282,15 @@ def arrays_pipeline(
     class_names: list[str],
     cfg: RunConfig,
     source: str = "",
+    splits: list[str] | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
-    """Images in memory (N, H, W, C), pixel values 0..255, and label indices -> pipelines."""
+    """Images in memory (N, H, W, C), pixel values 0..255, and label indices -> pipelines.
+
+    `splits` as for files_pipeline; the test split is info.test_ds.
+    """
     labels_arr = np.asarray(labels, dtype=np.int32)
     require_classes(labels_arr, class_names)
-    train_idx, val_idx = split_indices(len(images), cfg)
+    parts = split_indices(labels_arr, cfg, splits)
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((images[idx], labels_arr[idx]))
@@ -199,5 +300,16 @@ def arrays_pipeline(
         )
         return finish(ds, cfg, training, len(idx))
 
-    info = DataInfo(image_shape(cfg), list(class_names), len(train_idx), len(val_idx), [], source)
-    return pipeline(train_idx, True), pipeline(val_idx, False), info
+    lineage = {"name": source or "arrays", "source": "", "digest": array_digest(images, labels)}
+    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage)
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (shape, dtype and every byte)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]

@@ -20,6 +20,7 @@ import tensorflow as tf
 from engine.config import RunConfig, UserError
 from engine.images import (
     IMAGE_EXTENSIONS,
+    SPLIT_ALIASES,
     DataInfo,
     _cap,
     arrays_pipeline,
@@ -122,19 +123,45 @@ def table_column(table: Path, rows: list[dict], column: str, flag: str) -> list:
     return [row[column] for row in rows]
 
 
-def load_dataframe(table_text: str, cfg: RunConfig, path_column: str, label_column: str):
+def load_dataframe(
+    table_text: str, cfg: RunConfig, path_column: str, label_column: str, split_column: str = ""
+):
     """A CSV or JSON table (e.g. a saved query result) of image paths and labels.
 
     Relative paths are taken relative to the table's folder. JSON is a list of
-    records, [{"path": "...", "label": "..."}, ...], or {column: [values]}.
+    records, [{"path": "...", "label": "..."}, ...], or {column: [values]}. When the
+    table has a column named split_column (train, val/validation or test per row),
+    its split is used instead of drawing one.
     """
     table = require_path(table_text, "a .csv or .json table of image paths and labels")
     rows = read_table(table)
     raw_paths = table_column(table, rows, path_column, "--path-column")
     raw_labels = table_column(table, rows, label_column, "--label-column")
+    missing = [i + 2 for i, value in enumerate(raw_labels) if str(value or "").strip() == ""]
+    if missing:
+        raise UserError(
+            f"{table}: {len(missing)} row(s) have no label in column '{label_column}' (e.g. "
+            f"line {missing[0]}). Fill in their labels or remove those rows."
+        )
     paths = table_paths(table, raw_paths)
     labels, class_names = label_index(raw_labels)
-    return files_pipeline(paths, labels, class_names, cfg, "dataframe")
+    splits = None
+    if split_column and split_column in rows[0]:
+        splits = table_splits(table, [row[split_column] for row in rows], split_column)
+    return files_pipeline(paths, labels, class_names, cfg, "dataframe", splits)
+
+
+def table_splits(table: Path, values: list, column: str) -> list[str]:
+    """A split column's values as train / val / test; UserError on any other value."""
+    splits = [SPLIT_ALIASES.get(str(v).strip().lower(), "") for v in values]
+    bad = sorted({str(v) for v, split in zip(values, splits, strict=True) if not split})
+    if bad:
+        raise UserError(
+            f"{table}: column '{column}' holds {', '.join(map(repr, bad[:5]))}; each row's "
+            f"split must be one of {', '.join(sorted(SPLIT_ALIASES))}. Fix those rows, or "
+            "rename the column to let the run draw its own split."
+        )
+    return splits
 
 
 # ----------------------------------------------------------------------------
@@ -175,15 +202,69 @@ def load_arrays(path_text: str, cfg: RunConfig) -> Pipelines:
         )
     if labels.ndim == 2:
         labels = labels.argmax(axis=1)
+    images = channels_last(images, path)
+    if images.dtype.kind not in "uif" or (
+        images.dtype.kind == "f" and not np.isfinite(images).all()
+    ):
+        raise UserError(
+            f"{path}: images must be numbers (uint8 0..255 or floats), got {images.dtype} "
+            "or NaN/infinite values; save the pixel arrays themselves"
+        )
     if images.dtype.kind == "f" and images.max() <= 1.0:
         images = images * 255.0
+    elif images.dtype.itemsize > 1 and images.max() > 255:  # 16-bit images: scale to 0..255
+        images = images.astype(np.float32) * (255.0 / float(np.iinfo(images.dtype).max))
     if images.ndim == 3:
         images = images[..., np.newaxis]
-    indices, names = label_index(labels.astype(np.int64).tolist())
-    if "class_names" in data and len(data["class_names"]) >= len(names):
+    indices, names = label_index(array_labels(labels, path))
+    if (
+        "class_names" in data
+        and labels.dtype.kind in "iu"
+        and len(data["class_names"]) >= len(names)
+    ):
         given = [str(n, "utf-8") if isinstance(n, bytes) else str(n) for n in data["class_names"]]
         names = [given[int(n)] for n in names]
-    return arrays_pipeline(images, np.array(indices), names, cfg, "arrays")
+    train_ds, val_ds, info = arrays_pipeline(images, np.array(indices), names, cfg, "arrays")
+    info.lineage["source"] = str(path.resolve())
+    return train_ds, val_ds, info
+
+
+def channels_last(images: np.ndarray, path: Path) -> np.ndarray:
+    """(N, C, H, W) arrays (PyTorch's layout) -> (N, H, W, C), with a note."""
+    if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
+        print(f"note: {path} holds channels-first images {images.shape}; "
+              "reading them as (N, H, W, C)")  # fmt: skip
+        return np.transpose(images, (0, 2, 3, 1))
+    if images.ndim == 4 and images.shape[3] not in (1, 3, 4):
+        raise UserError(
+            f"{path}: images of shape {images.shape} have {images.shape[3]} channels; "
+            "expected (N, H, W, C) or (N, C, H, W) with 1, 3 or 4 channels"
+        )
+    return images
+
+
+def array_labels(labels: np.ndarray, path: Path) -> list:
+    """Label values from an arrays file: integers, or text (class names); none missing."""
+    if labels.dtype.kind in "SUO":
+        text = [v.decode("utf-8") if isinstance(v, bytes) else v for v in labels.tolist()]
+        empty = [i for i, v in enumerate(text) if v is None or str(v).strip() == ""]
+        if empty:
+            raise UserError(
+                f"{path}: {len(empty)} label(s) are empty (e.g. index {empty[0]}); give every "
+                "image a label"
+            )
+        return [str(v) for v in text]
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise UserError(
+                f"{path}: some labels are NaN (missing); give every image a label or drop "
+                "those images"
+            )
+        if not np.equal(np.mod(labels, 1), 0).all():
+            raise UserError(f"{path}: labels must be whole class indices or names, got fractions")
+    if labels.dtype.kind not in "iufb":
+        raise UserError(f"{path}: labels of type {labels.dtype} are not class indices or names")
+    return labels.astype(np.int64).tolist()
 
 
 # ----------------------------------------------------------------------------
@@ -192,24 +273,20 @@ def load_arrays(path_text: str, cfg: RunConfig) -> Pipelines:
 
 
 def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
-    """A TensorFlow Datasets dataset (e.g. malaria), split from its train split by percent.
+    """A TensorFlow Datasets dataset (e.g. malaria) already on disk.
 
-    The data must already be in data_dir (`make load_tfdata` downloads it): nothing
-    is downloaded during training.
+    The dataset's own `validation` and `test` splits are used where it has them;
+    the rest are cut from its `train` split by percent (val_split, test_split). The
+    data must already be in data_dir (`make load_tfdata` downloads it): nothing is
+    downloaded during training.
     """
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or DEFAULT_TFDS_DIR
-    val_percent = max(1, round(cfg.val_split * 100))
     try:
-        (train_raw, val_raw), ds_info = tfds.load(
-            name,
-            split=[f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"],
-            data_dir=data_dir,
-            as_supervised=True,
-            with_info=True,
-            download=False,
-        )
+        builder = tfds.builder(name, data_dir=data_dir)
+        split_names = tfds_splits(set(builder.info.splits), cfg)
+        raws = builder.as_dataset(split=split_names, as_supervised=True)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise UserError(f"TFDS has no dataset named '{name}': {err}") from err
     except (AssertionError, FileNotFoundError) as err:
@@ -218,11 +295,11 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
             f"`make load_tfdata DATASET={name} TFDS_DIR={data_dir}`, or point "
             "--data-dir at the folder that holds it."
         ) from err
-    class_names = list(ds_info.features["label"].names)
+    class_names = list(builder.info.features["label"].names)
     if len(class_names) < 2:
         raise UserError(f"TFDS dataset '{name}' has fewer than two classes")
-    counts = [_cap(_count(train_raw), cfg.training_samples),
-              _cap(_count(val_raw), cfg.validation_samples)]  # fmt: skip
+    caps = (cfg.training_samples, cfg.validation_samples, 0)
+    counts = [_cap(_count(raw), cap) for raw, cap in zip(raws, caps)]  # noqa: B905
 
     def pipeline(raw: tf.data.Dataset, count: int, training: bool) -> tf.data.Dataset:
         ds = raw.take(count).map(
@@ -231,8 +308,57 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
         )
         return finish(ds, cfg, training, count)
 
-    info = DataInfo(image_shape(cfg), class_names, counts[0], counts[1], [], f"tfds:{name}")
-    return pipeline(train_raw, counts[0], True), pipeline(val_raw, counts[1], False), info
+    version = builder.info.version
+    lineage = {"name": f"tfds:{name}:{version}", "source": str(builder.data_dir),
+               "digest": hash_text(f"{name}:{version}:{'|'.join(split_names)}")}  # fmt: skip
+    has_test = len(raws) == 3 and counts[2] > 0
+    per_class = {
+        split: tfds_label_counts(builder, tfds_split, count, len(class_names))
+        for split, tfds_split, count in zip(("train", "val", "test"), split_names, counts)  # noqa: B905
+    }
+    info = DataInfo(
+        image_shape(cfg), class_names, counts[0], counts[1], [], f"tfds:{name}",
+        test_count=counts[2] if has_test else 0, class_counts=per_class,
+        test_ds=pipeline(raws[2], counts[2], False) if has_test else None, lineage=lineage,
+    )  # fmt: skip
+    return pipeline(raws[0], counts[0], True), pipeline(raws[1], counts[1], False), info
+
+
+def tfds_label_counts(builder, split: str, count: int, num_classes: int) -> list[int]:
+    """Examples per class among a TFDS split's first `count`, read without decoding images."""
+    import tensorflow_datasets as tfds
+
+    image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+    raw = builder.as_dataset(
+        split=split, decoders={k: tfds.decode.SkipDecoding() for k in image_keys}
+    )
+    labels = raw.take(count).map(lambda example: example["label"]).batch(4096)
+    counts = np.zeros(num_classes, np.int64)
+    for batch in labels.as_numpy_iterator():
+        counts += np.bincount(batch, minlength=num_classes)
+    return counts.tolist()
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tfds_splits(available: set[str], cfg: RunConfig) -> list[str]:
+    """TFDS split strings for (train, val[, test]): the dataset's own, else cut from train."""
+    val_pct = 0 if "validation" in available else max(1, round(cfg.val_split * 100))
+    test_pct = 0 if "test" in available else round(cfg.test_split * 100)
+    train_end = 100 - val_pct - test_pct
+    splits = [f"train[:{train_end}%]"]
+    splits.append(
+        "validation" if "validation" in available else f"train[{train_end}%:{100 - test_pct}%]"
+    )
+    if "test" in available and cfg.test_split > 0:
+        splits.append("test")
+    elif test_pct:
+        splits.append(f"train[{100 - test_pct}%:]")
+    return splits
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -328,4 +454,8 @@ def load_demo(folder: str | Path, samples: int, cfg: RunConfig) -> Pipelines:
         make_demo_data(directory, samples, recipe["image_size"], recipe["seed"])
         stamp.write_text(json.dumps(recipe))
     train_ds, val_ds, info = load_imagedir(str(directory), cfg)
-    return train_ds, val_ds, dataclasses.replace(info, source="demo")
+    return (
+        train_ds,
+        val_ds,
+        dataclasses.replace(info, source="demo", lineage={**info.lineage, "name": "demo"}),
+    )

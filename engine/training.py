@@ -38,8 +38,8 @@ DefineNetwork = Callable[[tuple[int, int, int], int, Any], keras.Model]
 DATA_CONTRACT = (
     "load_data(cfg) must return (train_ds, val_ds, info): two batched tf.data.Datasets of "
     "(images (batch, H, W, C) float32 or uint8 pixel values 0..255, labels (batch,) integer "
-    "class indices) and an engine.images.DataInfo; the engine's files_pipeline and "
-    "arrays_pipeline build all three."
+    "class indices) and an engine.images.DataInfo (its test_ds, optional, batched alike); "
+    "the engine's files_pipeline and arrays_pipeline build all of them."
 )
 
 
@@ -51,6 +51,7 @@ class TrainResult:
     metrics: dict[str, float]  # the best epoch's metrics
     tracking_uri: str
     best_epoch: int  # 0-based, as the metrics' steps
+    test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # test_* once
 
 
 def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
@@ -103,7 +104,10 @@ def check_data(result: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]
         raise UserError(f"load_data's third value is {type(info).__name__}. {DATA_CONTRACT}")
     if info.num_classes < 2:
         raise UserError(f"the data has {info.num_classes} class(es); a classifier needs two")
-    for name, ds in (("train_ds", train_ds), ("val_ds", val_ds)):
+    named = [("train_ds", train_ds), ("val_ds", val_ds)]
+    if info.test_ds is not None:
+        named.append(("info.test_ds", info.test_ds))
+    for name, ds in named:
         if not isinstance(ds, tf.data.Dataset):
             raise UserError(f"load_data's {name} is {type(ds).__name__}. {DATA_CONTRACT}")
         spec = ds.element_spec
@@ -253,8 +257,9 @@ def run_training(
     print("loading data ...")
     global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * replicas)
     train_ds, val_ds, info = check_data(load_data(global_cfg))
-    print(f"  {info.train_count} training / {info.val_count} validation images, "
-          f"classes {info.class_names}, shape {info.image_shape}")  # fmt: skip
+    print(f"  {info.train_count} training / {info.val_count} validation / {info.test_count} "
+          f"test images, classes {info.class_names}, shape {info.image_shape}")  # fmt: skip
+    warn_imbalance(info)
 
     print("building the network ...")
     steps_per_epoch = math.ceil(info.train_count / global_cfg.batch_size)
@@ -265,6 +270,9 @@ def run_training(
     outputs = "one sigmoid output" if head.binary else f"{head.units} softmax outputs"
     print(f"  {model.name}: {model.count_params():,} parameters, {outputs}, {policy}")
     check_monitor(model, val_ds, head, info, cfg.monitor)
+    weights = class_weights(cfg.class_weight, info)
+    if head.binary and not cfg.resume_run_id:
+        init_output_bias(model, info)
 
     best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
     if cfg.resume_run_id:
@@ -300,6 +308,9 @@ def run_training(
         tracking.log_new_params(run_id, {
             "num_classes": info.num_classes, "class_names": ",".join(info.class_names),
             "train_count": info.train_count, "val_count": info.val_count,
+            "test_count": info.test_count,
+            **{f"class_counts.{split}": describe_counts(counts, info.class_names)
+               for split, counts in info.class_counts.items()},
             "skipped_files": len(info.skipped_files), "replicas": replicas,
             "global_batch_size": global_cfg.batch_size, "dtype_policy": policy,
             "output_units": head.units,
@@ -307,6 +318,8 @@ def run_training(
         lines: list[str] = []
         model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
         mlflow.log_text("\n".join(lines), "model_summary.txt")
+        if not cfg.resume_run_id:
+            tracking.log_dataset(info.lineage)
 
         initial_epoch = 0
         if cfg.resume_run_id:
@@ -329,6 +342,7 @@ def run_training(
                 epochs=cfg.epochs,
                 initial_epoch=initial_epoch,
                 callbacks=all_callbacks,
+                class_weight=weights,
                 shuffle=False,  # train_ds reshuffles itself every epoch
                 verbose="auto" if sys.stdout.isatty() else 2,
             )
@@ -346,6 +360,7 @@ def run_training(
 
         print("evaluating and logging plots and the model ...")
         log_evaluation(model, val_ds, info, state.history)
+        test_metrics = log_test(model, info)
         example = next(iter(val_ds))[0].numpy()[:1].astype(np.float32)
         model_uri, model_version = tracking.log_model(
             model, example, info.class_names, cfg.registered_model_name, cfg.model_alias,
@@ -361,7 +376,56 @@ def run_training(
         metrics=best_metrics,
         tracking_uri=tracking_uri,
         best_epoch=state.best_epoch,
+        test_metrics=test_metrics,
     )
+
+
+def warn_imbalance(info: DataInfo) -> None:
+    """Print a warning when the smallest class has under 10% of the largest's images."""
+    counts = info.class_counts.get("train")
+    if counts and min(counts) < 0.1 * max(counts):
+        small = info.class_names[int(np.argmin(counts))]
+        print(f"warning: imbalanced classes: {small} has {min(counts)} training images, "
+              f"under 10% of the largest class's {max(counts)}. Accuracy says little here: "
+              "watch balanced_accuracy and per-class recall, and consider "
+              "--class-weight balanced")  # fmt: skip
+
+
+def class_weights(setting: str, info: DataInfo) -> dict[int, float] | None:
+    """balanced: total / (classes x class count), from the training split; none: None."""
+    counts = np.asarray(info.class_counts.get("train") or [], dtype=np.float64)
+    if setting != "balanced":
+        return None
+    if not len(counts) or (counts == 0).any():
+        raise UserError(
+            "class_weight=balanced needs the training images per class (DataInfo.class_counts"
+            "['train'], which files_pipeline and arrays_pipeline fill in), each above zero"
+        )
+    weights = counts.sum() / (len(counts) * counts)
+    print("  class weights: " + ", ".join(
+        f"{n} {w:.2f}" for n, w in zip(info.class_names, weights, strict=True)))  # fmt: skip
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def init_output_bias(model: keras.Model, info: DataInfo) -> None:
+    """Start a sigmoid output at the class prior: bias = log(positives / negatives).
+
+    The first epochs then learn features rather than the class balance. Only a final
+    Dense layer of one unit is touched; any other head is left as the network made it.
+    """
+    counts = info.class_counts.get("train")
+    last = model.layers[-1]
+    if not counts or min(counts) == 0 or not isinstance(last, keras.layers.Dense):
+        return
+    if last.units != 1 or last.bias is None:
+        return
+    last.bias.assign(np.full(last.bias.shape, math.log(counts[1] / counts[0]), np.float32))
+
+
+def describe_counts(counts: list[int], class_names: list[str]) -> str:
+    """'cat=12, dog=30' for a param (cut to fit MLflow's 6,000 characters)."""
+    text = ", ".join(f"{n}={c}" for n, c in zip(class_names, counts, strict=True))
+    return text if len(text) <= 6000 else text[:5996] + " ..."
 
 
 def predict_probabilities(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -385,3 +449,25 @@ def log_evaluation(model: keras.Model, val_ds: tf.data.Dataset, info: DataInfo, 
         evaluation.plot_learning_curves(history, Path(tmp) / "learning_curves.png")
         evaluation.save_plots(labels, probs, info.class_names, Path(tmp))
         mlflow.log_artifacts(tmp, "plots")
+
+
+def log_test(model: keras.Model, info: DataInfo) -> dict[str, float]:
+    """Score the chosen model once on the test split; log test_* metrics and plots/test/.
+
+    Nothing was chosen on these images (the best epoch and any tuning look at
+    validation only), so these are the figures to report. Returns {} with no test split.
+    """
+    import mlflow
+
+    if info.test_ds is None:
+        print("no test split (test_split=0 or too few images): nothing to report on test")
+        return {}
+    labels, probs = predict_probabilities(model, info.test_ds)
+    scores = evaluation.classification_metrics(labels, probs)
+    scores.update(evaluation.per_class_metrics(labels, probs, info.class_names))
+    scores = {f"test_{name}": value for name, value in scores.items()}
+    mlflow.log_metrics(scores)
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluation.save_plots(labels, probs, info.class_names, Path(tmp), split="test")
+        mlflow.log_artifacts(tmp, "plots/test")
+    return scores

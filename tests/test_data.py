@@ -57,19 +57,22 @@ def test_imagedir_binary(demo_dir):
     cfg = tiny_config(data_source="imagedir", data_dir=str(demo_dir), val_split=0.25)
     train_ds, val_ds, info = train.load_data(cfg)
     assert info.class_names == ["parasitized", "uninfected"]
-    assert (info.train_count, info.val_count) == (36, 12)
+    # 24 per class: 10% test (2), 25% validation (6), the rest training, in each class
+    assert (info.train_count, info.val_count, info.test_count) == (32, 12, 4)
+    assert info.class_counts == {"train": [16, 16], "val": [6, 6], "test": [2, 2]}
     assert info.image_shape == (32, 32, 3)
     check_pipeline(train_ds, cfg, {0, 1})
-    assert len(all_labels(train_ds)) == 36 and len(all_labels(val_ds)) == 12
+    assert len(all_labels(train_ds)) == 32 and len(all_labels(val_ds)) == 12
+    assert np.bincount(all_labels(info.test_ds)).tolist() == [2, 2]
 
 
 def test_imagedir_many_classes_sizes_formats_and_grayscale(mixed_dir):
     cfg = tiny_config(data_source="imagedir", data_dir=str(mixed_dir), channels=1, val_split=0.2)
     train_ds, val_ds, info = train.load_data(cfg)
     assert info.class_names == ["ant", "bee", "wasp"]
-    assert info.train_count + info.val_count == 30
+    assert info.train_count + info.val_count + info.test_count == 30
     check_pipeline(train_ds, cfg, {0, 1, 2})
-    labels = np.concatenate([all_labels(train_ds), all_labels(val_ds)])
+    labels = np.concatenate([all_labels(train_ds), all_labels(val_ds), all_labels(info.test_ds)])
     assert np.bincount(labels).tolist() == [10, 10, 10]
 
 
@@ -90,7 +93,8 @@ def test_corrupt_and_non_image_files_are_skipped_and_reported(demo_dir, capsys):
     train_ds, val_ds, info = train.load_data(cfg)
     assert sorted(p.rsplit("/", 1)[1] for p in info.skipped_files) == ["broken.png", "notes.jpg"]
     assert "skipped 2 unreadable image file(s)" in capsys.readouterr().out
-    assert len(all_labels(train_ds)) + len(all_labels(val_ds)) == 48
+    seen = [len(all_labels(ds)) for ds in (train_ds, val_ds, info.test_ds)]
+    assert sum(seen) == 48
 
 
 @pytest.mark.parametrize(
@@ -145,7 +149,7 @@ def test_dataframe_table(mixed_dir, tmp_path, fmt):
                       label_column="species")  # fmt: skip
     train_ds, _, info = train.load_data(cfg)
     assert info.class_names == ["ant", "bee", "wasp"]
-    assert info.train_count + info.val_count == 30
+    assert info.train_count + info.val_count + info.test_count == 30
     check_pipeline(train_ds, cfg, {0, 1, 2})
 
 
@@ -185,7 +189,7 @@ def test_arrays_npz_with_class_names(tmp_path):
     cfg = tiny_config(data_source="arrays", data_dir=str(tmp_path / "d.npz"))
     train_ds, val_ds, info = train.load_data(cfg)
     assert info.class_names == ["no", "yes"]
-    assert info.train_count + info.val_count == 40
+    assert info.train_count + info.val_count + info.test_count == 40
     check_pipeline(train_ds, cfg, {0, 1})
 
 
@@ -221,6 +225,23 @@ def test_tfds_with_mock_data(tmp_path):
         check_pipeline(train_ds, cfg, {0, 1})
         assert len(all_labels(train_ds)) == 20
         assert len(all_labels(val_ds)) == 6
+        # (mock_data gives num_examples for any split, slices too)
+        assert info.test_count == 50 == len(all_labels(info.test_ds))
+        assert sum(info.class_counts["train"]) == 20 and sum(info.class_counts["val"]) == 6
+        assert info.lineage["name"].startswith("tfds:malaria:")
+
+
+def test_tfds_splits_use_the_datasets_own_and_cut_the_rest_from_train():
+    from engine.sources import tfds_splits
+
+    cfg = tiny_config(val_split=0.2, test_split=0.1)
+    # malaria: a train split only
+    assert tfds_splits({"train"}, cfg) == ["train[:70%]", "train[70%:90%]", "train[90%:]"]
+    assert tfds_splits({"train", "test"}, cfg) == ["train[:80%]", "train[80%:100%]", "test"]
+    assert tfds_splits({"train", "validation", "test"}, cfg) == ["train[:100%]", "validation",
+                                                                 "test"]  # fmt: skip
+    no_test = tiny_config(val_split=0.2, test_split=0.0)
+    assert tfds_splits({"train", "test"}, no_test) == ["train[:80%]", "train[80%:100%]"]
 
 
 def test_tfds_missing_data_says_how_to_download(tmp_path):
@@ -242,9 +263,10 @@ def test_demo_data_is_deterministic_and_cached(tmp_path):
     stamp = (tmp_path / "demo" / "demo.json").stat().st_mtime_ns
     _, _, again = train.load_data(cfg)
     assert (tmp_path / "demo" / "demo.json").stat().st_mtime_ns == stamp, "regenerated needlessly"
-    assert info.train_count + info.val_count == 10 == again.train_count + again.val_count
+    for loaded in (info, again):
+        assert loaded.train_count + loaded.val_count + loaded.test_count == 10
     _, _, more = train.load_data(tiny_config(data_dir=str(tmp_path / "demo"), demo_samples=20))
-    assert more.train_count + more.val_count == 20
+    assert more.train_count + more.val_count + more.test_count == 20
 
 
 def test_demo_classes_differ_in_dark_spots(tmp_path):
@@ -279,7 +301,7 @@ def test_dataframe_json_in_column_layout(demo_dir, tmp_path):
         tiny_config(data_source="dataframe", data_dir=str(tmp_path / "cols.json"))
     )
     assert info.class_names == ["parasitized", "uninfected"]
-    assert info.train_count + info.val_count == 48
+    assert info.train_count + info.val_count + info.test_count == 48
     columns["label"].pop()
     (tmp_path / "cols.json").write_text(json.dumps(columns))
     with pytest.raises(UserError, match="its columns have different lengths"):

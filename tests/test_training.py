@@ -144,7 +144,22 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
     metrics = client.get_run(result.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
     assert "best_epoch" in metrics and "final_val_auc" in metrics
-    assert client.get_run(result.run_id).data.params["dtype_policy"] == "float32"
+    params = client.get_run(result.run_id).data.params
+    assert params["dtype_policy"] == "float32"
+    # the test split: scored once, at the end, with its own plots
+    assert (params["train_count"], params["val_count"], params["test_count"]) == ("34", "10", "4")
+    assert params["class_counts.test"] == "parasitized=2, uninfected=2"
+    for name in ("test_accuracy", "test_auc", "test_loss", "test_balanced_accuracy",
+                 "test_recall_parasitized", "test_precision_uninfected"):  # fmt: skip
+        assert len(client.get_metric_history(result.run_id, name)) == 1, name
+    assert result.test_metrics["test_accuracy"] == metrics["test_accuracy"]
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots/test")}
+    assert plots == {"plots/test/confusion_matrix.png", "plots/test/roc_curve.png"}
+    # the data it saw: one dataset input, a table of every file with its split
+    inputs = client.get_run(result.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "demo"
+    assert len(inputs[0].dataset.digest) == 16
+    assert json.loads(inputs[0].dataset.profile)["num_rows"] == 48
 
 
 def _train_command(tmp_path: Path, *extra: str) -> list[str]:
