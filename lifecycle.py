@@ -295,18 +295,23 @@ def evaluate(ref: ModelRef, data_cfg: train.Config, split: str, data_cache: dict
     if key not in data_cache:  # the champion usually shares the candidate's input shape
         print(f"loading data ({cfg.data_source}, {split} split, {key[0]}px x {key[1]}) ...")
         train_ds, val_ds, info = train.load_data(cfg)
-        ds = val_ds if split == "validation" else val_ds.concatenate(train_ds)
+        _require_same_classes(ref, spec, info.class_names)
+        ds = {"test": info.test_ds, "validation": val_ds}.get(split, val_ds.concatenate(train_ds))
+        if split == "all" and info.test_ds is not None:
+            ds = ds.concatenate(info.test_ds)
+        if ds is None:
+            raise UserError(
+                f"the data has no test split ({cfg.data_source}, test_split {cfg.test_split}): "
+                "give --test-split above 0 (the value training used), or decide on "
+                "--split validation, knowing training chose its best epoch on it"
+            )
         images, labels = [], []
         for x, y in ds.as_numpy_iterator():
             images.append(x.astype(np.uint8))  # whole pixel values: a quarter of float32's memory
             labels.append(y)
         data_cache[key] = (np.concatenate(images), np.concatenate(labels), info.class_names)
     images, labels, class_names = data_cache[key]
-    if list(class_names) != list(spec.class_names):
-        raise UserError(
-            f"the data's classes {list(class_names)} differ from the classes {ref} was "
-            f"trained on {spec.class_names}; evaluate it on data with the same classes"
-        )
+    _require_same_classes(ref, spec, class_names)
     import tensorflow as tf
 
     batches = tf.data.Dataset.from_tensor_slices(images).batch(data_cfg.batch_size)
@@ -315,10 +320,18 @@ def evaluate(ref: ModelRef, data_cfg: train.Config, split: str, data_cache: dict
     return Evaluation(ref, spec, labels, probs, evaluation.classification_metrics(labels, probs))
 
 
+def _require_same_classes(ref: ModelRef, spec: ModelSpec, class_names: list[str]) -> None:
+    if list(class_names) != list(spec.class_names):
+        raise UserError(
+            f"the data's classes {list(class_names)} differ from the classes {ref} was "
+            f"trained on {spec.class_names}; evaluate it on data with the same classes"
+        )
+
+
 def validate(
     model: str,
     data_cfg: train.Config,
-    split: str = "validation",
+    split: str = "test",
     metric: str = "auc",
     champion_alias: str = "champion",
     min_delta: float = 0.0,
@@ -336,8 +349,10 @@ def validate(
     Args:
         model: the candidate (see resolve_model).
         data_cfg: a train.Config that selects the data (data_source, data_dir, seed, ...).
-        split: "validation" (the held-out split load_data makes with this seed and
-            val_split) or "all" (every image of the source: a separate test set).
+        split: "test" (the split load_data makes with this seed and test_split, which
+            no choice in training was made on), "validation" (the one training picked
+            its best epoch on: an optimistic score) or "all" (every image of the
+            source: for a separate test set).
         metric: accuracy, auc, loss, precision, recall or f1.
         champion_alias: the alias that marks the model in production.
         min_delta: the candidate must beat the champion by more than this.
@@ -377,7 +392,8 @@ def validate(
     images = len(candidate.labels)
     if champion_ref is None:
         promoted = True
-        reason = f"there is no '{champion_alias}' yet, so {candidate_ref} becomes it"
+        reason = (f"there is no '{champion_alias}' yet, so {candidate_ref} becomes it "
+                  f"({metric} {score:.4f} on {images} {split}-split images)")  # fmt: skip
     elif champion is None:
         promoted = False
         reason = f"{candidate_ref} already is the '{champion_alias}'"
@@ -388,7 +404,8 @@ def validate(
         verdict = "beats" if promoted else "does not beat"
         reason = (
             f"{candidate_ref} {verdict} the '{champion_alias}' {champion_ref}: {metric} "
-            f"{score:.4f} vs {best:.4f} on the same {images} images ({direction} is better"
+            f"{score:.4f} vs {best:.4f} on the same {images} {split}-split images "
+            f"({direction} is better"
             + (f", by more than {min_delta}" if min_delta else "")
             + ")"
         )
@@ -409,6 +426,7 @@ def validate(
             "metric": metric, "min_delta": min_delta, "split": split, "images": images,
             "data_source": data_cfg.data_source, "data_dir": data_cfg.data_dir,
             "seed": data_cfg.seed, "val_split": data_cfg.val_split,
+            "test_split": data_cfg.test_split,
         })  # fmt: skip
         mlflow.log_metrics(candidate.metrics)
         if champion is not None:
@@ -641,9 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--champion-alias", default="champion", help="alias of the model in use")
     p.add_argument("--min-delta", type=float, default=0.0,
                    help="the candidate must beat the champion by more than this")  # fmt: skip
-    p.add_argument("--split", choices=["validation", "all"], default="validation",
-                   help="validation: the held-out split train.py makes with the same seed and "
-                   "val_split; all: every image (a separate test set)")  # fmt: skip
+    p.add_argument("--split", choices=["test", "validation", "all"], default="test",
+                   help="test: the split train.py holds out with the same seed and test_split, "
+                   "which no training choice saw; validation: the split that picked the best "
+                   "epoch (optimistic); all: every image (a separate test set)")  # fmt: skip
     p.add_argument("--experiment-name", default="model-validation", help="experiment of the run")
     p.add_argument("--promote", type=parse_bool, default=True, metavar="BOOL",
                    help="false: report the decision but leave the alias alone")  # fmt: skip

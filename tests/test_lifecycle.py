@@ -160,11 +160,14 @@ def test_validate_promotes_then_compares_with_the_champion(registry, capsys):
     plots = {f.path for f in client.list_artifacts(result.run_id, "plots")}
     assert plots == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
     assert client.get_model_version("cells", first).tags["validation_run_id"] == result.run_id
-    # The validation split is the one training held out: same images, same score.
+    # validate decides on the test split training held out and scored once at its end:
+    # the same images, so the same score
+    assert run.data.params["split"] == "test" and "test-split images" in result.reason
     training_run = client.get_run(client.get_model_version("cells", first).run_id)
-    assert run.data.metrics["accuracy"] == pytest.approx(
-        training_run.data.metrics["val_accuracy"], abs=1e-6
-    )
+    for name in ("accuracy", "auc", "loss"):
+        assert run.data.metrics[name] == pytest.approx(
+            training_run.data.metrics[f"test_{name}"], abs=1e-6
+        )
 
     # A candidate that must win by more than any score can differ: kept, alias unchanged.
     kept = lifecycle.validate(second, _data_cfg(registry), metric="auc", min_delta=2.0,
@@ -194,6 +197,14 @@ def test_validate_refuses_data_with_other_classes(registry, tmp_path):
     cfg = tiny_config(data_source="imagedir", data_dir=str(tmp_path))
     with pytest.raises(UserError, match="differ from the classes"):
         lifecycle.validate("models:/cells/1", cfg)
+
+
+@pytest.mark.slow
+def test_validate_without_a_test_split_says_what_to_give(registry):
+    cfg = tiny_config(data_dir=str(registry["data_dir"]), test_split=0.0)
+    with pytest.raises(UserError, match="has no test split .* give --test-split above 0"):
+        lifecycle.validate("models:/cells/1", cfg)
+    assert lifecycle.validate("models:/cells/1", cfg, split="validation", promote=False).run_id
 
 
 @pytest.mark.slow
