@@ -1,0 +1,211 @@
+"""Three splits for every source (stratified, seeded, disjoint), a source's own split,
+imbalanced classes, and the arrays and table inputs real users bring."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from engine.config import UserError
+from engine.images import DataInfo, split_indices
+from engine.training import class_weights, init_output_bias, warn_imbalance
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.example
+
+
+def split_files(info: DataInfo) -> dict[str, set[str]]:
+    table = info.lineage["table"]
+    return {
+        name: {p for p, s in zip(table["path"], table["split"], strict=True) if s == name}
+        for name in ("train", "val", "test")
+    }
+
+
+@pytest.fixture
+def three_classes(tmp_path):
+    """20, 30 and 50 tiny PNGs in three class folders."""
+    root = tmp_path / "three"
+    for name, count in (("a", 20), ("b", 30), ("c", 50)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (9, 9), (i, len(name) * 40, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_three_splits_are_disjoint_stratified_and_stable(three_classes):
+    cfg = tiny_config(data_source="imagedir", data_dir=str(three_classes), val_split=0.2,
+                      test_split=0.1)  # fmt: skip
+    _, _, first = train.load_data(cfg)
+    _, _, again = train.load_data(cfg)
+    files = split_files(first)
+    assert split_files(again) == files  # same seed and data: the same files in each split
+    assert not (files["train"] & files["val"] or files["train"] & files["test"]
+                or files["val"] & files["test"])  # fmt: skip
+    assert sum(map(len, files.values())) == 100
+    # each class in the same proportions: 10% test, 20% validation
+    assert first.class_counts == {"train": [14, 21, 35], "val": [4, 6, 10], "test": [2, 3, 5]}
+    _, _, other = train.load_data(tiny_config(data_source="imagedir", data_dir=str(three_classes),
+                                              seed=7))  # fmt: skip
+    assert split_files(other)["test"] != files["test"]
+
+
+def test_the_test_pipeline_holds_exactly_the_test_files(three_classes):
+    cfg = tiny_config(data_source="imagedir", data_dir=str(three_classes))
+    _, _, info = train.load_data(cfg)
+    labels = np.concatenate([y.numpy() for _, y in info.test_ds])
+    assert np.bincount(labels, minlength=3).tolist() == info.class_counts["test"]
+
+
+def test_split_indices_keep_a_training_example_per_class_and_one_for_validation():
+    train_idx, val_idx, test_idx = split_indices([0, 0, 1, 1], tiny_config(val_split=0.2))
+    assert len(val_idx) == 1 and set(np.array([0, 0, 1, 1])[train_idx]) == {0, 1}
+    assert len(test_idx) == 0
+    assert sorted(np.concatenate([train_idx, val_idx, test_idx]).tolist()) == [0, 1, 2, 3]
+
+
+def test_test_split_zero_turns_it_off(three_classes):
+    cfg = tiny_config(data_source="imagedir", data_dir=str(three_classes), test_split=0.0)
+    _, _, info = train.load_data(cfg)
+    assert info.test_ds is None and info.test_count == 0
+    assert info.train_count + info.val_count == 100
+
+
+@pytest.mark.parametrize(("val", "test"), [(0.5, 0.5), (0.2, -0.1), (0.2, 1.0)])
+def test_split_fractions_must_leave_training_data(val, test):
+    with pytest.raises(UserError, match="test_split must be in"):
+        tiny_config(val_split=val, test_split=test).validate()
+
+
+def _write_table(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_tables_split_column_is_used(three_classes, tmp_path):
+    rows = []
+    for label in ("a", "b", "c"):
+        for i, path in enumerate(sorted((three_classes / label).glob("*.png"))):
+            split = "test" if i < 3 else ("Validation" if i < 7 else "train")
+            rows.append({"path": str(path), "label": label, "split": split})
+    _write_table(tmp_path / "t.csv", rows)
+    cfg = tiny_config(data_source="dataframe", data_dir=str(tmp_path / "t.csv"))
+    _, _, info = train.load_data(cfg)
+    files = split_files(info)
+    assert files["test"] == {r["path"] for r in rows if r["split"] == "test"}
+    assert files["val"] == {r["path"] for r in rows if r["split"] == "Validation"}
+    assert info.class_counts["test"] == [3, 3, 3]
+
+    # no val rows: validation is drawn from the train rows, test stays as given
+    for row in rows:
+        row["split"] = "test" if row["split"] == "test" else "train"
+    _write_table(tmp_path / "t.csv", rows)
+    _, _, info = train.load_data(cfg)
+    assert split_files(info)["test"] == {r["path"] for r in rows if r["split"] == "test"}
+    assert info.val_count > 0
+
+    rows[5]["split"] = "holdout"
+    _write_table(tmp_path / "t.csv", rows)
+    with pytest.raises(UserError, match="'holdout'; each row's split must be one of"):
+        train.load_data(cfg)
+
+
+def test_a_table_row_without_a_label_is_refused(three_classes, tmp_path):
+    paths = sorted(str(p) for p in three_classes.rglob("*.png"))[:6]
+    rows = [{"path": p, "label": "x" if i % 2 else "y"} for i, p in enumerate(paths)]
+    rows[4]["label"] = " "
+    _write_table(tmp_path / "t.csv", rows)
+    with pytest.raises(UserError, match="1 row.s. have no label in column 'label' .e.g. line 6"):
+        train.load_data(tiny_config(data_source="dataframe", data_dir=str(tmp_path / "t.csv")))
+
+
+# ---------------------------------------------------------------- arrays files
+
+
+def _arrays(tmp_path, images, labels, **more):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=images, labels=labels, **more)
+    return tiny_config(data_source="arrays", data_dir=str(path))
+
+
+def test_arrays_with_text_labels_use_them_as_class_names(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (40, 12, 12, 3), dtype=np.uint8)
+    labels = np.array(["healthy", "sick"] * 20)
+    _, _, info = train.load_data(_arrays(tmp_path, images, labels))
+    assert info.class_names == ["healthy", "sick"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (np.array(["a", "b", "", "a"] * 10), "label.s. are empty"),
+        (np.array([0.0, 1.0, np.nan, 1.0] * 10), "some labels are NaN"),
+        (np.array([0.0, 1.5, 1.0, 0.0] * 10), "whole class indices or names"),
+    ],
+)
+def test_arrays_with_missing_or_odd_labels_say_what_to_fix(tmp_path, labels, says):
+    images = np.zeros((40, 12, 12, 3), np.uint8)
+    with pytest.raises(UserError, match=says):
+        train.load_data(_arrays(tmp_path, images, labels))
+
+
+def test_arrays_stored_channels_first_are_read(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    last = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([0, 1] * 20)
+    cfg = _arrays(tmp_path, np.transpose(last, (0, 3, 1, 2)), labels)
+    cfg.image_size, cfg.test_split = 16, 0.0
+    train_ds, val_ds, _ = train.load_data(cfg)
+    assert "channels-first" in capsys.readouterr().out
+    seen = np.concatenate([x.numpy() for x, _ in val_ds])
+    assert seen.shape[1:] == (16, 16, 3)
+    # every validation image is one of the originals, pixel for pixel
+    originals = {im.tobytes() for im in last}
+    assert all(im.astype(np.uint8).tobytes() in originals for im in seen)
+
+
+def test_sixteen_bit_arrays_are_scaled_to_0_255(tmp_path):
+    images = np.full((40, 8, 8, 1), 65535, np.uint16)
+    cfg = _arrays(tmp_path, images, np.array([0, 1] * 20))
+    cfg.image_size, cfg.channels = 8, 1
+    train_ds, _, _ = train.load_data(cfg)
+    assert float(next(iter(train_ds))[0].numpy().max()) == 255.0
+
+
+# ---------------------------------------------------------------- imbalance
+
+
+def _info(counts):
+    return DataInfo((8, 8, 3), ["common", "rare"], sum(counts), 1,
+                    class_counts={"train": counts})  # fmt: skip
+
+
+def test_balanced_class_weights_undo_the_imbalance():
+    weights = class_weights("balanced", _info([95, 5]))
+    assert weights == pytest.approx({0: 100 / 190, 1: 100 / 10})
+    assert 95 * weights[0] == pytest.approx(5 * weights[1])  # each class weighs the same
+    assert class_weights("none", _info([95, 5])) is None
+
+
+def test_a_warning_names_a_class_under_a_tenth_of_the_largest(capsys):
+    warn_imbalance(_info([95, 5]))
+    assert "imbalanced classes: rare has 5 training images" in capsys.readouterr().out
+    warn_imbalance(_info([60, 40]))
+    assert capsys.readouterr().out == ""
+
+
+def test_a_sigmoid_head_starts_at_the_class_prior():
+    import keras
+
+    cfg = tiny_config()
+    model = train.define_network((8, 8, 3), 2, cfg)
+    init_output_bias(model, _info([90, 10]))
+    images = np.random.default_rng(0).uniform(0, 255, (64, 8, 8, 3)).astype(np.float32)
+    start = keras.ops.convert_to_numpy(model(images, training=False)).mean()
+    assert start == pytest.approx(0.1, abs=0.05)
