@@ -70,6 +70,9 @@ EXPERIMENT ?=
 GIT_URL ?=
 VERSION ?=
 VERSION_ARGS = $(if $(GIT_URL),--git-url $(GIT_URL)) $(if $(VERSION),--version $(VERSION))
+# RETRIES=N: make run and sweep try a failed run again up to N times, resuming it from
+# its checkpoint (under STORAGE_DIR, /storage by default) into the same MLflow run.
+RETRIES ?= 0
 
 .PHONY: build run sweep kube-run test-docker
 
@@ -81,11 +84,11 @@ build: $(VENV)/.installed ## build the training image for the code here (tag fro
 # run and sweep check the tracking server first, so a server that is down fails in
 # seconds, then build the image for the code they run (seconds when only code changed).
 run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3"; VERSION=sha)
-	BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(BIN)/python ./project_driver.bash $(VERSION_ARGS) \
+	BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(BIN)/python RETRIES=$(RETRIES) ./project_driver.bash $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
-	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py sweep $(VERSION_ARGS) \
+	BASE_IMAGE=$(BASE_IMAGE) RETRIES=$(RETRIES) $(BIN)/python project_driver.py sweep $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 # MLflow's Kubernetes backend builds FROM the image above with the project folder

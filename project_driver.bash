@@ -15,7 +15,7 @@
 # it runs a fresh checkout of that version (a version alone: this folder's repository).
 # Settings (environment): MLFLOW_TRACKING_URI, GPUS (auto|none|all|device=N),
 # DOCKER_NETWORK (auto|host|bridge), STORAGE_DIR (/storage), BASE_IMAGE (the Dockerfile's),
-# PYTHON (.venv/bin/python).
+# PYTHON (.venv/bin/python), RETRIES (0; see below).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -27,14 +27,32 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 MLFLOW="$(dirname "$PYTHON")/mlflow"
 [[ -x "$MLFLOW" ]] || MLFLOW=mlflow
 
-# Sets MLFLOW_TRACKING_URI (rewritten when DOCKER_NETWORK=bridge), project, docker_args,
-# run_args and cleanup (a checkout to remove at the end).
-plan="$("$PYTHON" project_driver.py plan "$@")"
-eval "$plan"
-
-echo "+ mlflow run $project ${docker_args[*]} ${run_args[*]}" >&2
-if [[ -z "$cleanup" ]]; then
-    exec "$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}"
-fi
-trap 'rm -rf "$cleanup"' EXIT
-"$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}"
+# RETRIES=N: a run that fails is tried again up to N times: resumed into the same MLflow
+# run from its last checkpoint when that is on this host (checkpoints under the mounted
+# STORAGE_DIR, /storage/checkpoints by default), else started over as a new run.
+retries="${RETRIES:-0}"
+[[ "$retries" =~ ^[0-9]+$ ]] || {
+    echo "error: RETRIES must be a whole number of retries, got '$retries'" >&2
+    exit 2
+}
+attempt=0
+run_id=""
+while true; do
+    # Sets MLFLOW_TRACKING_URI (rewritten when DOCKER_NETWORK=bridge), project, docker_args,
+    # run_args, cleanup and run_id (set when the run was created first); RETRY_OF names
+    # the failed run a retry follows.
+    plan="$(RETRY_OF="$run_id" RETRIES="$retries" "$PYTHON" project_driver.py plan "$@")"
+    eval "$plan"
+    echo "+ mlflow run $project ${docker_args[*]} ${run_args[*]}" >&2
+    if [[ -z "$cleanup" && "$retries" == 0 ]]; then
+        exec "$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}"
+    fi
+    status=0
+    "$MLFLOW" run "$project" "${docker_args[@]}" "${run_args[@]}" || status=$?
+    [[ -z "$cleanup" ]] || rm -rf "$cleanup"
+    if (( status == 0 || attempt >= retries )) || [[ -z "$run_id" ]]; then
+        exit "$status"
+    fi
+    attempt=$((attempt + 1))
+    echo "run $run_id failed (exit $status): retry $attempt of $retries" >&2
+done

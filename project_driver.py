@@ -8,6 +8,7 @@ Usage:
     python project_driver.py build                    # the image for the code here (make build)
     python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
     python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
+    RETRIES=2 ./project_driver.bash -P epochs=30      # a failed run is resumed, twice at most
 
 Before anything starts, the driver checks the tracking server, builds the image for the
 code it runs (seconds when only code changed; tagged NAME:latest and NAME:code-<hash>,
@@ -351,6 +352,7 @@ def shell_plan(plan: Plan) -> str:
         f"docker_args=({flags})\n"
         f"run_args=({run_args})\n"
         f"cleanup={shlex.quote(plan.cleanup)}\n"
+        f"run_id={shlex.quote(_option(plan.run_args, '--run-id'))}\n"
     )
 
 
@@ -662,6 +664,8 @@ def create_run_first(
         dict(parameters),
     )  # fmt: skip
     run_folder = local_folder(run.info.artifact_uri)
+    if run_folder is None:  # artifacts go through the server: no folder to make here
+        return run.info.run_id
     run_folder.mkdir(parents=True, exist_ok=True)
     if os.getuid() == 0 and re.fullmatch(r"\d+:\d+", user):
         uid, gid = (int(part) for part in user.split(":"))
@@ -681,6 +685,56 @@ def prepare_run(
     identity = build_image(project_dir, base_image, out=out)
     plan.decide(*code_docker_args(identity))
     return local_artifacts(plan, project_dir, args)
+
+
+def first_run_options(plan: Plan, project_dir: Path, args: Sequence[str]) -> dict:
+    """create_run_first()'s options for an experiment of any kind (made if missing), so
+    that a run that may be retried has its id before it starts."""
+    experiment = find_experiment(plan.tracking_uri, args, os.environ)
+    if experiment is None:  # `mlflow run` would make it; make it now
+        from mlflow import MlflowClient
+
+        name = _option(args, "--experiment-name") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        experiment = {"experiment_id": MlflowClient(plan.tracking_uri).create_experiment(name)}
+    options = parse_run_options(str(project_dir), args)
+    return {**options, "experiment_id": experiment["experiment_id"],
+            "tracking_uri": plan.tracking_uri}  # fmt: skip
+
+
+# engine/checkpoints.py's STATE_FILE (not imported: the driver does not load TensorFlow)
+CHECKPOINT_STATE = "state.json"
+
+
+def resumable_checkpoint(run_id: str) -> Path | None:
+    """A failed run's checkpoint folder when it is on this host, else None.
+
+    Training tags each run with its checkpoint folder (`checkpoint_dir`); under Docker
+    it is on this host at the same path when it lies in the mounted STORAGE_DIR (the
+    default /storage/checkpoints does).
+    """
+    from mlflow import MlflowClient
+
+    folder = MlflowClient().get_run(run_id).data.tags.get("checkpoint_dir", "")
+    if folder and (Path(folder) / CHECKPOINT_STATE).is_file():
+        return Path(folder)
+    return None
+
+
+def retry_plan(run_id: str) -> tuple[dict[str, str], str, str]:
+    """How to try a failed run again: resume it into the same run from its checkpoint,
+    or, with none on this host, start it over as a new run.
+
+    Returns:
+        (extra parameters, the run id to reuse or "", a line saying which).
+    """
+    folder = resumable_checkpoint(run_id)
+    if folder is None:
+        return {}, "", f"retry: run {run_id} left no checkpoint here; starting it over"
+    return (
+        {"resume_run_id": run_id},
+        run_id,
+        f"retry: resuming run {run_id} from its checkpoint in {folder}",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -790,6 +844,7 @@ def run_sweep(
     poll_seconds: float = 2.0,
     project_dir: Path = PROJECT_DIR,
     first_run: Callable[[Mapping[str, str]], str] | None = None,
+    retries: int = 0,
 ) -> list[dict[str, object]]:
     """Launch the runs, at most `parallel` at once, each on its own GPU slot; wait for all.
 
@@ -797,6 +852,8 @@ def run_sweep(
         project_dir: the project each run starts (this folder, or a checkout of a version).
         first_run: for an experiment with a local artifact folder, creates each run just
             before its launch (create_run_first) and returns its id.
+        retries: how many times a failed run is tried again (retry_plan: resumed from its
+            checkpoint into the same run, else started over), at the front of the queue.
 
     Returns:
         One row per run: its parameters, run id, status and final metrics.
@@ -806,13 +863,17 @@ def run_sweep(
 
     # Asynchronous runs start `mlflow run` in a subprocess: the venv's mlflow must be on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    pending = list(enumerate(points))
+    # (index, parameters, the run id to reuse: a resumed run's, else "")
+    pending: list[tuple[int, dict[str, str], str]] = [
+        (i, dict(p), "") for i, p in enumerate(points)
+    ]
+    tries = dict.fromkeys(range(len(points)), 0)
     free_slots = list(range(parallel))
     running: dict[int, tuple[int, object]] = {}  # slot -> (index, submitted run)
     results: dict[int, dict[str, object]] = {}
     while pending or running:
         while pending and free_slots:
-            index, params = pending.pop(0)
+            index, params, reuse = pending.pop(0)
             slot = free_slots.pop(0)
             docker_args = dict(base_docker_args) | run_gpu_args(slot, gpus, gpu_setting)
             print(
@@ -821,7 +882,10 @@ def run_sweep(
                 flush=True,
             )
             try:
-                created = {"run_id": first_run(params)} if first_run else {}
+                if reuse:
+                    created = {"run_id": reuse}
+                else:
+                    created = {"run_id": first_run(params)} if first_run else {}
                 submitted = mlflow.projects.run(
                     str(project_dir),
                     entry_point="main",
@@ -844,6 +908,12 @@ def run_sweep(
                 results[index] = {**points[index], "run_id": submitted.run_id, "status": status}
                 del running[slot]
                 free_slots.append(slot)
+                if status == "FAILED" and tries[index] < retries:
+                    tries[index] += 1
+                    extra, reuse, line = retry_plan(submitted.run_id)
+                    print(f"[{index + 1}/{len(points)}] {line} "
+                          f"(try {tries[index] + 1} of {retries + 1})", flush=True)  # fmt: skip
+                    pending.insert(0, (index, {**points[index], **extra}, reuse))
     client = mlflow.MlflowClient()
     rows = []
     for index in range(len(points)):
@@ -932,6 +1002,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep.add_argument("--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     sweep.add_argument("--git-url", default="", help="sweep a version from this repository")
     sweep.add_argument("--version", default="", help="the commit, branch or tag to sweep")
+    sweep.add_argument(
+        "--retries", type=int, default=int(os.environ.get("RETRIES") or 0),
+        help="try a failed run again up to this many times, resuming it from its checkpoint",
+    )  # fmt: skip
     # `plan` takes any `mlflow run` options after it, which argparse would reject.
     args = parser.parse_args(argv[:1] if argv[:1] == ["plan"] else argv)
     base_image = os.environ.get("BASE_IMAGE", "")
@@ -945,7 +1019,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             project_dir = checkout_if_asked(plan, url, version)
             shown = _say(plan, 0, sys.stderr)
             local = prepare_run(plan, project_dir, rest, base_image, out=sys.stderr)
-            if local:
+            retry_of = os.environ.get("RETRY_OF", "")
+            extra, reuse, line = retry_plan(retry_of) if retry_of else ({}, "", "")
+            if line:
+                plan.messages.append(line)
+            if reuse:  # resume into the same run: `mlflow run --run-id` reopens it
+                plan.run_args += ["--run-id", reuse, "-P", f"resume_run_id={reuse}"]
+            elif local or int(os.environ.get("RETRIES") or 0) > 0:
+                local = local or first_run_options(plan, project_dir, rest)
                 user = str(plan.docker_args.get("user", ""))
                 run_id = create_run_first(project_dir, local, local["parameters"], user)
                 plan.run_args += ["--run-id", run_id]
@@ -990,6 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.experiment_name,
             project_dir=project_dir,
             first_run=first_run,
+            retries=args.retries,
         )
     except DriverError as error:
         print(f"error: {error}", file=sys.stderr)

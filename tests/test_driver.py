@@ -939,3 +939,121 @@ def test_a_rebuild_keeps_the_base_the_image_was_built_on(fake_bin):
     assert driver.previous_base("img:latest") == ""
     fake_command(fake_bin, "docker", "exit 1\n")  # no image yet
     assert driver.previous_base("img:latest") == ""
+
+
+# ---------------------------------------------------------------------------
+# Retries: a failed run is resumed from its checkpoint, or started over
+# ---------------------------------------------------------------------------
+
+
+def _fail_first_mlflow(fake_bin: Path, calls: Path, checkpoints: Path | None) -> None:
+    """A fake `mlflow` that records its arguments and fails its first call; with
+    checkpoints, that first call leaves a checkpoint and the tag training sets."""
+    lines = [
+        f"#!{sys.executable}",
+        "import json, pathlib, sys",
+        "argv = sys.argv[1:]",
+        f"calls = pathlib.Path({str(calls)!r})",
+        "first = not calls.exists()",
+        "calls.open('a').write(json.dumps(argv) + '\\n')",
+        "if not first:",
+        "    sys.exit(0)",
+    ]
+    if checkpoints is not None:
+        lines += [
+            "run_id = argv[argv.index('--run-id') + 1]",
+            f"folder = pathlib.Path({str(checkpoints)!r}) / run_id",
+            "folder.mkdir(parents=True)",
+            "(folder / 'state.json').write_text('{}')",
+            "from mlflow import MlflowClient",
+            "MlflowClient().set_tag(run_id, 'checkpoint_dir', str(folder))",
+        ]
+    (fake_bin / "mlflow").write_text("\n".join([*lines, "sys.exit(1)", ""]))
+    (fake_bin / "mlflow").chmod(0o755)
+
+
+def _bash_with_retries(fake_bin, tmp_path, uri, retries: str):
+    fake_docker(fake_bin, {"runc": {}})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHON": str(fake_bin / "python"),
+           "STORAGE_DIR": str(tmp_path), "RETRIES": retries}  # fmt: skip
+    env.pop("GPUS", None)
+    return subprocess.run(
+        [str(PROJECT_DIR / "project_driver.bash"), "-P", "epochs=3",
+         "--experiment-name", "retries"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_make_run_retries_resume_a_failed_run_into_the_same_run(fake_bin, tmp_path, mlflow_server):
+    calls = tmp_path / "calls.jsonl"
+    _fail_first_mlflow(fake_bin, calls, tmp_path / "checkpoints")
+    done = _bash_with_retries(fake_bin, tmp_path, mlflow_server, "1")
+    assert done.returncode == 0, done.stderr
+    first, second = (json.loads(line) for line in calls.read_text().splitlines())
+    run_id = first[first.index("--run-id") + 1]  # created first, so a retry can name it
+    assert second[second.index("--run-id") + 1] == run_id
+    assert f"resume_run_id={run_id}" in second
+    assert "retry 1 of 1" in done.stderr and f"resuming run {run_id}" in done.stderr
+
+
+@pytest.mark.slow
+def test_make_run_retries_start_over_without_a_checkpoint_and_stop_at_the_count(
+    fake_bin, tmp_path, mlflow_server
+):
+    calls = tmp_path / "calls.jsonl"
+    _fail_first_mlflow(fake_bin, calls, None)
+    done = _bash_with_retries(fake_bin, tmp_path, mlflow_server, "2")
+    assert done.returncode == 0, done.stderr
+    first, second = (json.loads(line) for line in calls.read_text().splitlines())
+    assert second[second.index("--run-id") + 1] != first[first.index("--run-id") + 1]
+    assert not any(arg.startswith("resume_run_id=") for arg in second)
+    assert "left no checkpoint here; starting it over" in done.stderr
+
+    calls.unlink()
+    (fake_bin / "mlflow").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexit 3\n')
+    done = _bash_with_retries(fake_bin, tmp_path, mlflow_server, "1")
+    assert done.returncode == 3 and len(calls.read_text().splitlines()) == 2
+    assert "error: RETRIES must be" in _bash_with_retries(fake_bin, tmp_path, mlflow_server,
+                                                          "two").stderr  # fmt: skip
+
+
+def test_a_sweep_retries_a_failed_run_by_resuming_it(tracking_store, tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.projects
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("sweep-retries")
+    launches = []
+
+    class Submitted:
+        def __init__(self, run_id, status):
+            self.run_id, self.status = run_id, status
+
+        def get_status(self):
+            return self.status
+
+    def fake_run(uri, entry_point, parameters, docker_args, experiment_name, synchronous,
+                 run_id=None):  # fmt: skip
+        launches.append((dict(parameters), run_id))
+        run_id = run_id or client.create_run(experiment).info.run_id
+        if len(launches) == 1:  # the first launch dies after checkpointing
+            folder = tmp_path / "ckpt" / run_id
+            folder.mkdir(parents=True)
+            (folder / driver.CHECKPOINT_STATE).write_text("{}")
+            client.set_tag(run_id, "checkpoint_dir", str(folder))
+            return Submitted(run_id, "FAILED")
+        return Submitted(run_id, "FINISHED")
+
+    monkeypatch.setattr(mlflow.projects, "run", fake_run)
+    rows = driver.run_sweep([{"epochs": "2"}, {"epochs": "3"}], {}, NO_GPU, "auto", 1,
+                            "sweep-retries", poll_seconds=0.01, retries=1)  # fmt: skip
+    assert [row["status"] for row in rows] == ["FINISHED", "FINISHED"]
+    failed_id = rows[0]["run_id"]
+    # the retry went first, into the same run, with resume_run_id; then the next point
+    assert launches == [({"epochs": "2"}, None),
+                        ({"epochs": "2", "resume_run_id": failed_id}, failed_id),
+                        ({"epochs": "3"}, None)]  # fmt: skip
+    rows = driver.run_sweep([{"epochs": "2"}], {}, NO_GPU, "auto", 1, "sweep-retries",
+                            poll_seconds=0.01, retries=0)  # fmt: skip
+    assert rows[0]["status"] == "FINISHED"  # the fake fails only its first launch ever
