@@ -153,12 +153,24 @@ def compile_for_head(
 
 
 def encode_labels(ds: tf.data.Dataset, head: Head, num_classes: int) -> tf.data.Dataset:
-    """(images, class index) batches -> labels shaped for the head's loss."""
+    """(images, class index[, sample weight]) batches -> labels shaped for the head's loss."""
     if head.binary:
-        return ds.map(lambda x, y: (x, tf.cast(y, tf.float32)[..., tf.newaxis]))
+        return ds.map(lambda x, y, *w: (x, tf.cast(y, tf.float32)[..., tf.newaxis], *w))
     if head.sparse_labels:
         return ds
-    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    return ds.map(lambda x, y, *w: (x, tf.one_hot(y, num_classes), *w))
+
+
+def weigh_classes(ds: tf.data.Dataset, weights: dict[int, float] | None) -> tf.data.Dataset:
+    """(images, class index) batches -> (images, class index, each image's class weight).
+
+    Given to training and validation alike, so the validation loss that picks the best
+    epoch is the loss training minimises (Keras' class_weight weighs training only).
+    """
+    if not weights:
+        return ds
+    table = tf.constant([weights[k] for k in sorted(weights)], tf.float32)
+    return ds.map(lambda x, y: (x, y, tf.gather(table, y)))
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import tensorflow as tf
 from engine import checkpoints, evaluation, provenance, tracking
 from engine.config import RunConfig, UserError
 from engine.images import DataInfo
-from engine.network import build_network, class_probabilities, encode_labels
+from engine.network import build_network, class_probabilities, encode_labels, weigh_classes
 
 LoadData = Callable[[Any], tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]]
 DefineNetwork = Callable[[tuple[int, int, int], int, Any], keras.Model]
@@ -337,12 +337,13 @@ def run_training(
                          *(callbacks or [])]  # fmt: skip
         try:
             model.fit(
-                encode_labels(train_ds, head, info.num_classes),
-                validation_data=encode_labels(val_ds, head, info.num_classes),
+                encode_labels(weigh_classes(train_ds, weights), head, info.num_classes),
+                validation_data=encode_labels(
+                    weigh_classes(val_ds, weights), head, info.num_classes
+                ),
                 epochs=cfg.epochs,
                 initial_epoch=initial_epoch,
                 callbacks=all_callbacks,
-                class_weight=weights,
                 shuffle=False,  # train_ds reshuffles itself every epoch
                 verbose="auto" if sys.stdout.isatty() else 2,
             )
@@ -392,7 +393,11 @@ def warn_imbalance(info: DataInfo) -> None:
 
 
 def class_weights(setting: str, info: DataInfo) -> dict[int, float] | None:
-    """balanced: total / (classes x class count), from the training split; none: None."""
+    """balanced: total / (classes x class count), from the training split; none: None.
+
+    The weights apply to the training and the validation loss (network.weigh_classes),
+    so the best epoch by val_loss is picked by the loss that was minimised.
+    """
     counts = np.asarray(info.class_counts.get("train") or [], dtype=np.float64)
     if setting != "balanced":
         return None

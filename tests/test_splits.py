@@ -209,3 +209,14 @@ def test_a_sigmoid_head_starts_at_the_class_prior():
     images = np.random.default_rng(0).uniform(0, 255, (64, 8, 8, 3)).astype(np.float32)
     start = keras.ops.convert_to_numpy(model(images, training=False)).mean()
     assert start == pytest.approx(0.1, abs=0.05)
+
+
+def test_class_weights_reach_the_validation_loss_too():
+    import tensorflow as tf
+
+    from engine.network import weigh_classes
+
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2, 2, 3)), [0, 1, 1, 0])).batch(4)
+    _, labels, weights = next(iter(weigh_classes(ds, {0: 0.5, 1: 10.0})))
+    assert weights.numpy().tolist() == [0.5, 10.0, 10.0, 0.5]
+    assert weigh_classes(ds, None) is ds
