@@ -85,6 +85,23 @@ def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):
     assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 3)
 
 
+def test_class_names_with_spaces_accents_and_punctuation(tracking_store, tmp_path):
+    """Folder names are class names, and class names end up in metric names."""
+    make_demo_data(tmp_path / "cells", 40, 32, seed=4)
+    root = tmp_path / "my data (v2)"
+    root.mkdir()
+    (tmp_path / "cells" / "parasitized").rename(root / "P. falciparum")
+    (tmp_path / "cells" / "uninfected").rename(root / "négatif (sain)")
+    for i, path in enumerate(sorted((root / "P. falciparum").glob("*.png"))[:5]):
+        path.rename(path.with_name(f"cell #{i} ü.PNG"))  # spaces, #, accents, upper case
+    result = train_and_log(tiny_config(data_source="imagedir", data_dir=str(root)))
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.params["class_names"] == "P. falciparum,négatif (sain)"
+    assert run.data.params["class_counts.test"] == "P. falciparum=2, négatif (sain)=2"
+    assert "test_recall_P. falciparum" in run.data.metrics
+    assert "test_recall_négatif _sain_" in run.data.metrics
+
+
 def test_failed_run_is_marked_failed_and_registers_nothing(tracking_store, tmp_path, monkeypatch):
     def broken_evaluation(*args, **kwargs):
         raise RuntimeError("disk full while plotting")
