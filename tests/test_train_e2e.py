@@ -33,7 +33,7 @@ def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
     out = capsys.readouterr().out
     run_id = out.split("run_id: ")[1].split()[0]
     assert "registered model: tiny-classifier version 1 (alias candidate)" in out
-    assert "val_accuracy: " in out
+    assert "val_accuracy: " in out and "test_accuracy: " in out
 
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -54,6 +54,7 @@ def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
         "plots/learning_curves.png",
         "plots/confusion_matrix.png",
         "plots/roc_curve.png",
+        "plots/test",
     }
     assert "tf_serving/1/saved_model.pb" in listing("tf_serving/1")
     summary = mlflow.artifacts.load_text(f"runs:/{run_id}/model_summary.txt")
