@@ -64,6 +64,38 @@ def test_request_values_reads_every_input_form():
         serving.request_values(pd.DataFrame({"x": ["a"], "y": ["b"]}))
 
 
+def test_request_print_json_is_the_body_curl_sends(tmp_path, capsys):
+    Image.new("L", (10, 7), 128).save(tmp_path / "cell.png")
+    assert lifecycle.main(["request", "--print-json", str(tmp_path / "cell.png")]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body == {"dataframe_records": [{"image": serving.encode_file(tmp_path / "cell.png")}]}
+    assert (
+        base64.b64decode(body["dataframe_records"][0]["image"])
+        == (tmp_path / "cell.png").read_bytes()
+    )
+    assert lifecycle.main(["request", "--print-json", str(tmp_path / "missing.png")]) == 2
+    assert "error: cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_logged_before_image_input_answers_the_same_way(tracking_store, tmp_path):
+    """A registered version of the Keras network alone (tensorflow flavor) still classifies."""
+    import train
+
+    network = train.define_network((32, 32, 3), 2, tiny_config())
+    metadata = {"class_names": CLASSES, "image_size": 32, "channels": 3}
+    with mlflow.start_run():
+        info = mlflow.tensorflow.log_model(network, name="model", metadata=metadata)
+    Image.new("RGB", (50, 40), (200, 90, 120)).save(tmp_path / "cell.png")
+    answers = serving.load_classifier(info.model_uri).classify([serving.encode_file(
+        tmp_path / "cell.png")])  # fmt: skip
+    pixels = decode_image(str(tmp_path / "cell.png"), 32, 3).numpy()[None].astype("float32")
+    p1 = float(network.predict(pixels, verbose=0)[0, 0])
+    assert answers["class"][0] == CLASSES[int(p1 >= 0.5)]
+    assert answers["probability"][0] == pytest.approx(max(p1, 1 - p1), abs=1e-6)
+    assert serving.load_network(info.model_uri) is not None
+
+
 # ---------------------------------------------------------------- slow: a registered model
 
 
