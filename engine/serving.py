@@ -97,7 +97,9 @@ def request_values(model_input: Any) -> list:
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Encoded image files -> predicted class, its probability, every class's probability."""
 
-    def __init__(self, class_names: list[str], image_size: int, channels: int, batch_size=32):
+    def __init__(
+        self, class_names: list[str], image_size: int, channels: int, batch_size: int = 32
+    ):
         self.class_names = [str(c) for c in class_names]
         self.image_size = int(image_size)
         self.channels = int(channels)
