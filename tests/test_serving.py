@@ -84,7 +84,8 @@ def test_a_model_logged_before_image_input_answers_the_same_way(tracking_store, 
 
     network = train.define_network((32, 32, 3), 2, tiny_config())
     metadata = {"class_names": CLASSES, "image_size": 32, "channels": 3}
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.tensorflow.log_model(network, name="model", metadata=metadata)
     Image.new("RGB", (50, 40), (200, 90, 120)).save(tmp_path / "cell.png")
     answers = serving.load_classifier(info.model_uri).classify([serving.encode_file(
