@@ -125,10 +125,10 @@ server-stop: ## stop exactly the server `make server` started
 validate: $(VENV)/.installed ## evaluate a model version on held-out data, move `champion` if it wins (ARGS=...)
 	$(BIN)/python lifecycle.py validate $(ARGS)
 
-predict: $(VENV)/.installed ## batch predictions to CSV: ARGS="--input DIR_OR_FILES --output preds.csv"
+predict: $(VENV)/.installed ## classify image files with MODEL, write a CSV: ARGS="--input DIR_OR_FILES --output preds.csv"
 	$(BIN)/python lifecycle.py predict --model "$(MODEL)" $(ARGS)
 
-serve: $(VENV)/.installed ## serve MODEL over REST on 127.0.0.1:5001 (mlflow models serve)
+serve: $(VENV)/.installed ## serve MODEL on 127.0.0.1:5001: base64 image files in, class names out (lifecycle.py request IMAGE)
 	$(BIN)/python lifecycle.py serve --model "$(MODEL)" --port $(SERVE_PORT) $(ARGS)
 
 tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="--output DIR --version N"

@@ -4,7 +4,7 @@ Usage:
     python lifecycle.py validate --model models:/image-classifier@candidate --data-source demo
     python lifecycle.py predict --model models:/image-classifier@champion --input cells/
     python lifecycle.py serve --model models:/image-classifier@champion --port 5001
-    python lifecycle.py request --url http://127.0.0.1:5001 cell.png
+    python lifecycle.py request --url http://127.0.0.1:5001 cell.png other.jpg
     python lifecycle.py export --model models:/image-classifier@champion --output serving/cells
     python lifecycle.py reap-runs --stale-minutes 60
     mlflow run . -e validate -P model=models:/image-classifier@candidate
@@ -12,9 +12,10 @@ Usage:
 A model is named by models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model,
 or just an alias or version number of --model-name (default image-classifier).
 
-Everything the model needs to read an image comes from the logged model itself: it
-rescales pixels internally, and its metadata names the image size, the channels and
-the class names. Images are decoded and resized by the engine's own code, as in training.
+The registered model takes image files and answers class names (engine.serving): it
+decodes and resizes them with the engine's own code, as in training, and its network
+rescales pixels internally. predict runs that same model in this process; validate and
+export use its raw-pixel Keras network.
 From train.py this uses only the public hooks: Config and load_data.
 
 Tracking goes to $MLFLOW_TRACKING_URI, or to the local store in this folder, as for
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import train
-from engine import evaluation, tracking
+from engine import evaluation, serving, tracking
 from engine.config import UserError, add_config_flags, config_from, parse_bool
 from engine.network import class_probabilities
 
@@ -180,34 +181,13 @@ def model_spec(uri: str) -> ModelSpec:
 
 
 def load_model(uri: str):
-    """The Keras model behind an MLflow model URI."""
-    import mlflow
-
-    return mlflow.tensorflow.load_model(uri)
+    """The raw-pixel Keras network behind an MLflow model URI (for evaluation and export)."""
+    return serving.load_network(uri)
 
 
 # ----------------------------------------------------------------------------
-# Images: decode and resize as training does
+# Input files
 # ----------------------------------------------------------------------------
-
-
-def image_dataset(paths: list[str], spec: ModelSpec, batch_size: int = 64):
-    """Image files -> batched float32 pixels 0..255 shaped for the model (training's resize)."""
-    import tensorflow as tf
-
-    from engine.images import decode_image
-
-    def decode(path):
-        return tf.cast(decode_image(path, spec.image_size, spec.channels), tf.float32)
-
-    ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str))
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def read_images(paths: list[str], spec: ModelSpec) -> np.ndarray:
-    """Image files -> one (N, H, W, C) float32 array, for small requests."""
-    return np.concatenate(list(image_dataset(paths, spec).as_numpy_iterator()), axis=0)
 
 
 def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
@@ -465,10 +445,12 @@ def predict(
     batch_size: int = 64,
     model_name: str = DEFAULT_MODEL_NAME,
 ) -> Path:
-    """Classify every image found in `inputs`; write path,predicted_class,probability.
+    """Classify every image found in `inputs` with the registered model; write a CSV.
 
-    Unreadable files are left out with a warning (as in training); the probability
-    is that of the predicted class.
+    The model answers as it does when served (engine.serving.ImageClassifier, same
+    decoding); the CSV has path, predicted_class, probability (of the predicted class)
+    and probability_<class> for every class. Unreadable files are left out with a
+    warning (as in training).
 
     Returns:
         The path of the CSV written.
@@ -476,26 +458,34 @@ def predict(
     tracking.configure_tracking()
     ref = resolve_model(model, model_name)
     spec = model_spec(ref.uri)
-    from engine.images import report_skipped, split_readable
+    from engine.images import report_skipped
 
-    paths, skipped = split_readable(collect_paths(inputs, path_column))
-    report_skipped(skipped, "unreadable file(s)")
-    if not paths:
-        raise UserError("none of the input files is a readable image")
+    paths = collect_paths(inputs, path_column)
     print(f"predicting {len(paths)} image(s) with {ref} ({spec.image_size}px, {spec.channels} ch)")
-    keras_model = load_model(ref.uri)
-    outputs = keras_model.predict(image_dataset(paths, spec, batch_size), verbose=0)
-    probs = class_probabilities(outputs)
-    predicted = probs.argmax(axis=1)
+    classifier = serving.load_classifier(ref.uri)
+    rows, skipped = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start : start + batch_size]
+        answers = classifier.classify([Path(path).read_bytes() for path in batch])
+        for path, answer in zip(batch, answers.to_dict(orient="records"), strict=True):
+            if answer["error"] is None:
+                rows.append((path, answer))
+            else:
+                skipped.append(path)
+    report_skipped(skipped, "unreadable file(s)")
+    if not rows:
+        raise UserError("none of the input files is a readable image")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "predicted_class", "probability"])
-        for path, k, row in zip(paths, predicted, probs, strict=True):
-            writer.writerow([path, spec.class_names[k], f"{row[k]:.6f}"])
-    counts = {name: int(np.sum(predicted == i)) for i, name in enumerate(spec.class_names)}
-    print(f"wrote {len(paths)} predictions to {output}: {counts}")
+        writer.writerow(["path", "predicted_class", "probability",
+                         *(f"probability_{name}" for name in spec.class_names)])  # fmt: skip
+        for path, answer in rows:
+            writer.writerow([path, answer["class"], f"{answer['probability']:.6f}",
+                             *(f"{p:.6f}" for p in answer["probabilities"].values())])  # fmt: skip
+    counts = {name: sum(a["class"] == name for _, a in rows) for name in spec.class_names}
+    print(f"wrote {len(rows)} predictions to {output}: {counts}")
     return output
 
 
@@ -524,9 +514,7 @@ def serve(model: str, port: int, host: str = "127.0.0.1", model_name: str = DEFA
             raise UserError(f"port {port} on {host} is taken; choose another with --port")
     command = serve_command(ref.uri, port, host)
     print(f"serving {ref} from {mlflow.get_tracking_uri()} on http://{host}:{port}")
-    print(
-        f"  ask it: python lifecycle.py request --model {ref.uri} --url http://{host}:{port} IMAGE"
-    )
+    print(f"  ask it: python lifecycle.py request --url http://{host}:{port} IMAGE...")
     print(f"  health: curl http://{host}:{port}/ping ; stop with Ctrl-C")
     sys.stdout.flush()
     # mlflow starts uvicorn by name: the venv's bin must be on PATH even when not activated.
@@ -535,16 +523,24 @@ def serve(model: str, port: int, host: str = "127.0.0.1", model_name: str = DEFA
     os.execvpe(command[0], command, env)
 
 
-def request_body(images: np.ndarray) -> bytes:
-    """The JSON body /invocations takes for a batch of images (tensor input)."""
-    return json.dumps({"inputs": images.tolist()}).encode()
+def request_body(paths: list[str]) -> bytes:
+    """The JSON body /invocations takes for image files: base64 files in column `image`."""
+    try:
+        records = [{serving.IMAGE_COLUMN: serving.encode_file(path)} for path in paths]
+    except OSError as err:
+        raise UserError(f"cannot read {err.filename}: {err.strerror}") from err
+    return json.dumps({"dataframe_records": records}).encode()
 
 
-def request_predictions(url: str, images: np.ndarray, timeout: float = 60) -> np.ndarray:
-    """POST images to a `mlflow models serve` endpoint; return its raw outputs."""
+def request_predictions(url: str, paths: list[str], timeout: float = 60) -> list[dict]:
+    """POST image files to a `mlflow models serve` endpoint; return one answer per file.
+
+    Each answer is a dict: class, probability, probabilities ({class: probability}),
+    error (None, or why the file could not be read).
+    """
     req = urllib.request.Request(
         url.rstrip("/") + "/invocations",
-        data=request_body(images),
+        data=request_body(paths),
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -554,7 +550,14 @@ def request_predictions(url: str, images: np.ndarray, timeout: float = 60) -> np
         raise UserError(f"{url} answered {err.code}: {err.read().decode()[:500]}") from err
     except (urllib.error.URLError, OSError) as err:
         raise UserError(f"no answer from {url} ({err}); is `make serve` running?") from err
-    return np.asarray(answer["predictions"], dtype=np.float64)
+    return answer["predictions"]
+
+
+def describe_answer(path: str, answer: dict) -> str:
+    """One line per image: `path: class (probability)`, or `path: error: why`."""
+    if answer.get("error"):
+        return f"{path}: error: {answer['error']}"
+    return f"{path}: {answer['class']} ({answer['probability']:.4f})"
 
 
 # ----------------------------------------------------------------------------
@@ -686,13 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=5001, help="port to listen on")
 
-    p = commands.add_parser("request", help="send images to a served model; print classes",
+    p = commands.add_parser("request", help="send image files to a served model; print classes",
                             formatter_class=defaults)  # fmt: skip
-    _add_model_flags(p, f"models:/{DEFAULT_MODEL_NAME}@champion")
     p.add_argument("--url", default="http://127.0.0.1:5001", help="the served model")
     p.add_argument("--print-json", action="store_true",
                    help="print the request body instead of sending it (for curl)")  # fmt: skip
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF)")
 
     p = commands.add_parser("export", help="write a TF Serving SavedModel",
                             formatter_class=defaults)  # fmt: skip
@@ -737,16 +739,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             serve(args.model, args.port, args.host, args.model_name)
         elif args.command == "request":
-            tracking.configure_tracking()
-            spec = model_spec(resolve_model(args.model, args.model_name).uri)
-            images = read_images(args.images, spec)
             if args.print_json:
-                sys.stdout.write(request_body(images).decode() + "\n")
+                sys.stdout.write(request_body(args.images).decode() + "\n")
                 return 0
-            probs = class_probabilities(request_predictions(args.url, images))
-            for path, row in zip(args.images, probs, strict=True):
-                k = int(row.argmax())
-                print(f"{path}: {spec.class_names[k]} ({row[k]:.4f})")
+            for path, answer in zip(args.images, request_predictions(args.url, args.images),
+                                    strict=True):  # fmt: skip
+                print(describe_answer(path, answer))
         elif args.command == "export":
             tracking.configure_tracking()
             ref = resolve_model(args.model, args.model_name)

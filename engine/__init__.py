@@ -10,6 +10,7 @@ imports train.py or lifecycle.py. One module per concern:
     network     the network contract: checked before a run, compiled when uncompiled
     evaluation  metrics (scikit-learn) and plots
     tracking    where runs go, per-epoch metrics, logging and registering the model
+    serving     the registered model: base64 image files in, class names out
     training    run_training(cfg, load_data, define_network)
     cli         main(): flags, errors without tracebacks, signals
     mlproject   the MLproject `main` entry point, written from a Config

@@ -196,31 +196,23 @@ def log_model(
     model_alias: str,
     export_savedmodel: bool,
 ) -> tuple[str, str | None]:
-    """Log the model with signature, input example and metadata; register it; set the alias.
+    """Log the model that takes image files; register it; set the alias.
+
+    The logged model is `engine.serving.ImageClassifier` (base64 image files in, class
+    names and probabilities out) with the Keras network as its artifact, a signature,
+    a real PNG as input example and metadata (class names, image size, channels).
 
     Args:
-        example: one batch of input images (the input example and the signature's shape).
+        example: one batch of input images (the input example and the image shape).
 
     Returns:
         (the logged model's URI, the registered version or None when not registered).
     """
     import mlflow
-    from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    metadata = {
-        "class_names": list(class_names),
-        "image_size": int(example.shape[1]),
-        "channels": int(example.shape[3]),
-    }
-    model_info = mlflow.tensorflow.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        metadata=metadata,
-        registered_model_name=registered_model_name or None,
-    )
+    from engine import serving
+
+    model_info = serving.log_classifier(model, example, class_names, registered_model_name)
     if export_savedmodel:
         with tempfile.TemporaryDirectory() as tmp:
             export_tf_serving(model, tmp)

@@ -153,7 +153,8 @@ def test_a_forks_network_trains_registers_validates_and_predicts(
         "models:/tiny-classifier@champion", [str(tmp_path / "demo")], tmp_path / "preds.csv"
     )
     rows = output.read_text().splitlines()
-    assert rows[0] == "path,predicted_class,probability" and len(rows) == 1 + cfg.demo_samples
+    assert rows[0].startswith("path,predicted_class,probability,")
+    assert len(rows) == 1 + cfg.demo_samples
     assert {row.split(",")[1] for row in rows[1:]} <= {"parasitized", "uninfected"}
     assert all(0.5 <= float(row.split(",")[2]) <= 1.0 for row in rows[1:])
 

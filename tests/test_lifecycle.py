@@ -18,11 +18,10 @@ from PIL import Image
 import lifecycle
 import train
 from engine.config import UserError
-from engine.network import class_probabilities
+from engine.serving import load_network
 from engine.sources import make_demo_data
 from engine.tracking import export_tf_serving
 from tests.conftest import tiny_config, train_and_log
-from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +221,7 @@ def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [str(p.resolve()) for p in images]
     # Same answers as the logged Keras model on the raw pixels.
-    model = mlflow.tensorflow.load_model("models:/cells/1")
+    model = load_network("models:/cells/1")
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), "float32") for p in images])
     p1 = model.predict(pixels, verbose=0)[:, 0]
     expected = np.where(p1 >= 0.5, "uninfected", "parasitized")
@@ -230,40 +229,6 @@ def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
     np.testing.assert_allclose(
         [float(r["probability"]) for r in rows], np.maximum(p1, 1 - p1), atol=1e-5
     )
-
-
-@pytest.mark.slow
-def test_make_serve_answers_like_the_model_in_process(registry, tmp_path):
-    """`lifecycle.py serve` (what `make serve` runs) over REST vs. the model in process."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
-    log_path = tmp_path / "serve.log"
-    command = [sys.executable, str(ROOT / "lifecycle.py"), "serve", "--model", "models:/cells/2",
-               "--port", str(port)]  # fmt: skip
-    process = spawn(command, log_path, env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/ping", process, log_path, timeout=180)
-        paths = sorted(str(p) for p in registry["data_dir"].rglob("*.png"))[:5]
-        spec = lifecycle.model_spec("models:/cells/2")
-        assert (spec.image_size, spec.channels) == (32, 3)
-        assert spec.class_names == ["parasitized", "uninfected"]
-        images = lifecycle.read_images(paths, spec)
-        served = lifecycle.request_predictions(url, images)
-        in_process = mlflow.tensorflow.load_model("models:/cells/2").predict(images, verbose=0)
-        assert served.shape == (5, 1)
-        np.testing.assert_allclose(served, in_process, atol=1e-5)
-
-        answer = subprocess.run(
-            [sys.executable, str(ROOT / "lifecycle.py"), "request", "--model", "models:/cells/2",
-             "--url", url, *paths[:2]],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert answer.returncode == 0, answer.stderr[-2000:]
-        for path, row in zip(paths[:2], class_probabilities(in_process[:2]), strict=True):
-            assert f"{path}: {spec.class_names[row.argmax()]} ({row.max():.4f})" in answer.stdout
-    finally:
-        stop_process_group(process)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 import lifecycle
+from engine.serving import load_network
 from tests.conftest import tiny_config, train_and_log
 from tests.servers import (
     MlflowServer,
@@ -98,7 +99,7 @@ def test_run_survives_server_and_database_restart(postgres, client_env, tmp_path
         version = client.get_model_version_by_alias(cfg.registered_model_name, "candidate")
         assert version.version == result.model_version
         assert version.run_id == result.run_id
-        model = mlflow.tensorflow.load_model(f"models:/{cfg.registered_model_name}@candidate")
+        model = load_network(f"models:/{cfg.registered_model_name}@candidate")
         assert model.predict(np.zeros((3, 32, 32, 3), "float32"), verbose=0).shape == (3, 1)
     finally:
         server.stop()

@@ -7,12 +7,14 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 import engine.training
 import train
 from engine.config import UserError
+from engine.serving import load_network, png_base64
 from engine.sources import make_demo_data
 from tests.conftest import tiny_config, train_and_log
 from tests.servers import free_port
@@ -64,10 +66,12 @@ def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
     assert version.run_id == run_id and str(version.version) == "1"
     model = mlflow.pyfunc.load_model("models:/tiny-classifier@candidate")
     assert model.metadata.metadata["class_names"] == ["parasitized", "uninfected"]
-    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    predictions = np.asarray(model.predict(images))
-    assert predictions.shape == (3, 1)
-    assert ((predictions >= 0) & (predictions <= 1)).all()
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3))
+    answers = model.predict(pd.DataFrame({"image": [png_base64(x) for x in images]}))
+    assert set(answers["class"]) <= {"parasitized", "uninfected"} and len(answers) == 3
+    assert all(0 <= p <= 1 for p in answers["probability"])
+    network = load_network("models:/tiny-classifier@candidate")  # the raw-pixel network
+    assert network.predict(images.astype(np.float32), verbose=0).shape == (3, 1)
 
 
 def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):
@@ -82,7 +86,7 @@ def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):
     assert client.get_run(result.run_id).data.params["num_classes"] == "3"
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert "plots/roc_curve.png" not in plots and "plots/confusion_matrix.png" in plots
-    model = mlflow.tensorflow.load_model(f"models:/tiny-classifier/{result.model_version}")
+    model = load_network(f"models:/tiny-classifier/{result.model_version}")
     assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 3)
 
 
@@ -161,4 +165,5 @@ def test_training_against_a_real_tracking_server(mlflow_server, tmp_path, monkey
     assert client.get_model_version_by_alias("served", "candidate").run_id == result.run_id
     # artifacts travel over HTTP (proxied): loading needs no shared folder
     model = mlflow.pyfunc.load_model(result.model_uri)
-    assert np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.float32))).shape == (2, 1)
+    answers = model.predict(pd.DataFrame({"image": [png_base64(np.zeros((32, 32, 3)))] * 2}))
+    assert list(answers["error"]) == [None, None] and len(answers["probabilities"][0]) == 2

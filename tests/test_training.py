@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -22,6 +21,7 @@ from engine.checkpoints import STATE_FILE
 from engine.config import UserError
 from engine.evaluation import classification_metrics
 from engine.network import class_probabilities
+from engine.serving import load_network
 from engine.tracking import check_tracking_uri
 from engine.training import choose_strategy, compute_dtype, predict_probabilities, set_precision
 from tests.conftest import tiny_config, train_and_log
@@ -108,7 +108,7 @@ def test_the_registered_model_is_the_best_epoch(tracking_store, tmp_path, capsys
     assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best])
     # the registered weights are that epoch's: they score its val_loss on the same images
     _, val_ds, _ = train.load_data(cfg)
-    model = mlflow.tensorflow.load_model(f"models:/tiny-classifier/{result.model_version}")
+    model = load_network(f"models:/tiny-classifier/{result.model_version}")
     labels, probs = predict_probabilities(model, val_ds)
     assert classification_metrics(labels, probs)["loss"] == pytest.approx(val_loss[best], rel=1e-3)
     out = capsys.readouterr().out
