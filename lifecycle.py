@@ -385,9 +385,7 @@ def validate(
         reason = (
             f"{candidate_ref} {verdict} the '{champion_alias}' {champion_ref}: {metric} "
             f"{score:.4f} vs {best:.4f} on the same {images} {split}-split images "
-            f"({direction} is better"
-            + (f", by more than {min_delta}" if min_delta else "")
-            + ")"
+            f"({direction} is better" + (f", by more than {min_delta}" if min_delta else "") + ")"
         )
     if not promote and promoted:
         reason += "; --no-promote: the alias stays where it is"
