@@ -195,7 +195,7 @@ def image_dataset(paths: list[str], spec: ModelSpec, batch_size: int = 64):
     """Image files -> batched float32 pixels 0..255 shaped for the model (training's resize)."""
     import tensorflow as tf
 
-    from engine.images import decode_image
+    from engine.decoding import decode_image
 
     def decode(path):
         return tf.cast(decode_image(path, spec.image_size, spec.channels), tf.float32)

@@ -46,7 +46,14 @@ class RunConfig:
     val_split: float = knob(0.2, "fraction of the data held out for validation")
     training_samples: int = knob(0, "use at most this many training images (0 = all)")
     validation_samples: int = knob(0, "use at most this many validation images (0 = all)")
-    cache: bool = knob(True, "keep decoded images in memory after the first epoch")
+    cache: bool = knob(
+        True, "read and write decoded images in the shared cache at cache_dir (false: decode anew)"
+    )
+    cache_dir: str = knob(
+        "",
+        "the decoded-image cache every run shares (default /storage/cache when /storage is "
+        "writable, else ./.cache/images)",
+    )
     # training loop
     epochs: int = knob(5, "passes over the training data")
     batch_size: int = knob(32, "images per batch on each device")

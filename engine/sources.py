@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from engine import cache as image_cache
 from engine.config import RunConfig, UserError
+from engine.decoding import resize_image
 from engine.images import (
     IMAGE_EXTENSIONS,
     DataInfo,
     _cap,
     arrays_pipeline,
     files_pipeline,
-    finish,
     image_shape,
     label_index,
-    resize_image,
+    memory_pipeline,
 )
 
 Pipelines = tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]
@@ -201,10 +202,11 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
 
     data_dir = data_dir or DEFAULT_TFDS_DIR
     val_percent = max(1, round(cfg.val_split * 100))
+    splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"]
     try:
         (train_raw, val_raw), ds_info = tfds.load(
             name,
-            split=[f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"],
+            split=splits,
             data_dir=data_dir,
             as_supervised=True,
             with_info=True,
@@ -223,16 +225,31 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
         raise UserError(f"TFDS dataset '{name}' has fewer than two classes")
     counts = [_cap(_count(train_raw), cfg.training_samples),
               _cap(_count(val_raw), cfg.validation_samples)]  # fmt: skip
+    shape = image_shape(cfg)
 
-    def pipeline(raw: tf.data.Dataset, count: int, training: bool) -> tf.data.Dataset:
-        ds = raw.take(count).map(
-            lambda x, y: (resize_image(x, cfg.image_size, cfg.channels), tf.cast(y, tf.int32)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        return finish(ds, cfg, training, count)
+    def pipeline(raw: tf.data.Dataset, split: str, count: int, training: bool):
+        def decode(indices: list[int]) -> image_cache.Decoded:
+            """Resize the split's first max(indices) + 1 examples; keep those asked for."""
+            end = max(indices) + 1
+            images, labels = np.empty((end, *shape), np.uint8), np.empty(end, np.int64)
+            resized = raw.take(end).map(
+                lambda x, y: (resize_image(x, shape[0], shape[2]), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            start = 0
+            for x, y in resized.batch(256).as_numpy_iterator():
+                images[start : start + len(x)], labels[start : start + len(x)] = x, y
+                start += len(x)
+            return image_cache.Decoded(images[indices], labels[indices])
 
-    info = DataInfo(image_shape(cfg), class_names, counts[0], counts[1], [], f"tfds:{name}")
-    return pipeline(train_raw, counts[0], True), pipeline(val_raw, counts[1], False), info
+        # The cache knows an example by dataset, version, split (with its slice) and index.
+        keys = [f"tfds:{name}:{ds_info.version}:{split}:{i}" for i in range(count)]
+        decoded = image_cache.load_images(keys, decode, cfg.cache, cfg.cache_dir, shape)
+        return memory_pipeline(decoded.images, decoded.labels, cfg, training)
+
+    info = DataInfo(shape, class_names, counts[0], counts[1], [], f"tfds:{name}")
+    return (pipeline(train_raw, splits[0], counts[0], True),
+            pipeline(val_raw, splits[1], counts[1], False), info)  # fmt: skip
 
 
 def _count(ds: tf.data.Dataset) -> int:

@@ -51,6 +51,14 @@ def no_active_experiment(monkeypatch):
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
+@pytest.fixture(autouse=True)
+def image_cache_in_tmp(tmp_path, monkeypatch):
+    """Each test's decoded-image cache starts empty, in its own folder, not the project's."""
+    from engine import cache
+
+    monkeypatch.setattr(cache, "default_cache_dir", lambda: tmp_path / "image-cache")
+
+
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch) -> str:
     """A fresh local sqlite tracking store for one test; returns its URI."""
