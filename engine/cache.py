@@ -131,9 +131,17 @@ class ImageCache:
                 by_shard.setdefault(entry[0], []).append((position, entry[1]))
         for shard, pairs in by_shard.items():
             where, rows = (np.array(v) for v in zip(*pairs, strict=True))
-            order = np.argsort(rows)  # read the memory map front to back
             images = np.load(self.folder / f"{shard}.npy", mmap_mode="r")
-            out.images[where[order]] = images[rows[order]]
+            everything = np.arange(len(out.images))
+            if (
+                len(images) == len(where) == len(everything)
+                and (where == everything).all()
+                and (rows == everything).all()
+            ):  # the whole shard, in order: the pipelines copy out of the map itself
+                out.images = images
+            else:
+                order = np.argsort(rows)  # read the memory map front to back
+                out.images[where[order]] = images[rows[order]]
             out.labels[where] = np.asarray(self._labels(shard), np.int64)[rows]
 
     # -- writing ---------------------------------------------------------------
@@ -166,9 +174,14 @@ class ImageCache:
             raise
         return (self.folder / name).stat().st_size
 
-    def _compact(self) -> None:
-        """Rewrite the shards that mostly hold files since changed or gone, without those."""
+    def _compact(self, since: int) -> None:
+        """Rewrite the shards that mostly hold files since changed or gone, without those.
+
+        Shards written at or after `since` (time.time_ns()) are fresh and left alone.
+        """
         for meta_path in sorted(self.folder.glob("*.json")):
+            if int(meta_path.stem.split("-")[0]) >= since:
+                continue
             meta = json.loads(meta_path.read_text())
             live = [row for row, key in enumerate(meta["keys"]) if not _stale(key)]
             if meta["keys"]:
@@ -188,6 +201,28 @@ class ImageCache:
     def size_bytes(self) -> int:
         """Bytes the cache's shards take, over all sizes and channel counts."""
         return sum(p.stat().st_size for p in self.root.glob("*/*") if not p.name.startswith("."))
+
+    def _decode_and_store(
+        self, keys: list[str], missing: list[int], decode: Decode, out: Decoded
+    ) -> None:
+        """Decode the keys at positions `missing` into out and write them as new shards."""
+        started = time.time_ns()
+        new = decode(missing)
+        ok = np.flatnonzero(new.ok())
+        failed = {keys[missing[i]]: why for i, why in new.failures.items()}
+        if len(ok) == len(missing):  # no failures: no copy of the images
+            written = self._write([keys[i] for i in missing], new.images, new.labels, failed)
+        else:
+            ok_keys = [keys[missing[i]] for i in ok]
+            written = self._write(ok_keys, new.images[ok], new.labels[ok], failed)
+        self._compact(since=started)
+        if len(missing) == len(keys):
+            out.images, out.labels = new.images, new.labels
+        else:
+            out.images[missing], out.labels[missing] = new.images, new.labels
+        out.failures.update({missing[i]: why for i, why in new.failures.items()})
+        print(f"cache: wrote {len(missing)} images ({written / 1e6:.1f} MB) to {self.folder}; "
+              f"the cache holds {self.size_bytes() / 1e6:.1f} MB")  # fmt: skip
 
     # -- the one entry point -----------------------------------------------------
 
@@ -214,18 +249,7 @@ class ImageCache:
                 hits = [i for i, key in enumerate(keys) if key in index]
                 self._gather(index, keys, hits, out)
                 if missing:
-                    new = decode(missing)
-                    ok = [i for i in range(len(missing)) if i not in new.failures]
-                    failed = {keys[missing[i]]: why for i, why in new.failures.items()}
-                    written = self._write([keys[missing[i]] for i in ok], new.images[ok],
-                                          new.labels[ok], failed)  # fmt: skip
-                    self._compact()
-                    out.images[missing] = new.images
-                    out.labels[missing] = new.labels
-                    out.failures.update({missing[i]: why for i, why in new.failures.items()})
-                    total = self.size_bytes() / 1e6
-                    print(f"cache: wrote {len(missing)} images ({written / 1e6:.1f} MB) to "
-                          f"{self.folder}; the cache holds {total:.1f} MB")  # fmt: skip
+                    self._decode_and_store(keys, missing, decode, out)
         print(f"cache: read {len(keys) - len(missing)} decoded images from {self.folder} "
               f"({len(missing)} decoded)")  # fmt: skip
         return out

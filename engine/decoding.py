@@ -10,6 +10,8 @@ threads, free of the GIL.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import tensorflow as tf
 
@@ -38,9 +40,11 @@ def decode_image(path: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
     """An image file's path -> uint8 (image_size, image_size, channels) tensor.
 
     PNG (8 or 16 bit, palette, with or without alpha), JPEG, GIF (first frame) and
-    BMP; alpha is dropped, gray and RGB are converted to `channels`.
+    BMP; alpha is dropped, gray and RGB are converted to `channels`. Files are
+    decoded to RGB first whatever `channels` is: TensorFlow decodes a GIF or a CMYK
+    JPEG to RGB only.
     """
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     return resize_image(image, image_size, channels)
 
 
@@ -49,7 +53,9 @@ def decode_error(path: str, image_size: int, channels: int) -> str:
     try:
         decode_image(tf.constant(path), image_size, channels)
     except tf.errors.OpError as err:
-        return " ".join(err.message.split()) or type(err).__name__
+        # "{{function_node ...}} Invalid PNG data, size 910 [Op:DecodeImage] name: " -> the middle
+        message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", " ".join(err.message.split()))
+        return message.strip() or type(err).__name__
     return "decoded only on a second try"  # e.g. the file was being written meanwhile
 
 

@@ -115,18 +115,14 @@ def memory_pipeline(
 ) -> tf.data.Dataset:
     """Decoded uint8 images in memory and their labels -> batched, prefetched pipeline.
 
-    The training one is reshuffled each epoch over all of it; batches are gathered
-    by index, so no image is copied through a shuffle buffer.
+    The images are in memory already, so nothing is cached again; the training one
+    is reshuffled every epoch.
     """
-    images_t, labels_t = tf.constant(images), tf.constant(np.asarray(labels, np.int32))
-    ds = tf.data.Dataset.range(len(images))
+    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
     if training:
-        ds = ds.shuffle(max(len(images), 1), seed=cfg.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(cfg.batch_size).map(
-        lambda index: (tf.gather(images_t, index), tf.gather(labels_t, index)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return ds.prefetch(tf.data.AUTOTUNE)
+        buffer = min(max(len(images), 1), 10_000)
+        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def decode_cached(paths: list[str], cfg: RunConfig) -> image_cache.Decoded:
@@ -154,19 +150,19 @@ def files_pipeline(
     skipped = [paths[i] for i in sorted(decoded.failures)]
     if skipped:
         report_skipped(skipped, reasons={paths[i]: why for i, why in decoded.failures.items()})
-    readable = decoded.ok()
-    images, labels_arr = decoded.images[readable], np.array(labels, dtype=np.int32)[readable]
+    readable = np.flatnonzero(decoded.ok())
+    labels_arr = np.array(labels, dtype=np.int32)[readable]
     require_classes(labels_arr, class_names)
-    train_idx, val_idx = split_indices(len(images), cfg)
+    train_idx, val_idx = split_indices(len(readable), cfg)
+
+    def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
+        # one copy out of the decoded images: the readable ones of this split
+        return memory_pipeline(decoded.images[readable[idx]], labels_arr[idx], cfg, training)
 
     info = DataInfo(
         image_shape(cfg), list(class_names), len(train_idx), len(val_idx), skipped, source
     )
-    return (
-        memory_pipeline(images[train_idx], labels_arr[train_idx], cfg, training=True),
-        memory_pipeline(images[val_idx], labels_arr[val_idx], cfg, training=False),
-        info,
-    )
+    return pipeline(train_idx, True), pipeline(val_idx, False), info
 
 
 def arrays_pipeline(
