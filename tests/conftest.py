@@ -51,12 +51,15 @@ def no_active_experiment(monkeypatch):
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
-@pytest.fixture(autouse=True)
-def image_cache_in_tmp(tmp_path, monkeypatch):
-    """Each test's decoded-image cache starts empty, in its own folder, not the project's."""
+@pytest.fixture(autouse=True, scope="session")
+def image_cache_in_tmp(tmp_path_factory):
+    """The tests' decoded-image cache is a temporary folder, not the project's or /storage's."""
     from engine import cache
 
-    monkeypatch.setattr(cache, "default_cache_dir", lambda: tmp_path / "image-cache")
+    root = tmp_path_factory.mktemp("image-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "default_cache_dir", lambda: root)
+        yield root
 
 
 @pytest.fixture
