@@ -17,9 +17,9 @@ import tensorflow as tf
 
 from engine import cache as image_cache
 from engine.config import RunConfig, UserError
-from engine.decoding import decode_files, decode_image, resize_image, resize_images
 
-__all__ = ["decode_image", "resize_image"]  # here too, for forks that import them from here
+# decode_image and resize_image stay importable from here, where forks found them
+from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
