@@ -69,20 +69,25 @@ def decode_files(
         uint8, in the order of paths, zeros where a file failed; failures maps the
         index of each file that did not decode to the reason.
     """
-    images = np.zeros((len(paths), image_size, image_size, channels), np.uint8)
-    decoded = np.zeros(len(paths), bool)
+    shape = (image_size, image_size, channels)
+    index, images = np.zeros(0, np.int64), np.zeros((0, *shape), np.uint8)
     if paths:
         ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.array(paths, str)))
         ds = ds.map(
             lambda index, path: (index, decode_image(path, image_size, channels)),
             num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=False,
         )
         # A file that fails drops out here; its index is missing below, and it is
-        # decoded once more on its own for the reason.
-        for index, batch in ds.ignore_errors().batch(256).as_numpy_iterator():
-            images[index] = batch
-            decoded[index] = True
+        # decoded once more on its own for the reason. One batch of everything, in
+        # order: no copies in Python.
+        for index_tensor, batch in ds.ignore_errors().batch(len(paths)):
+            index, images = index_tensor.numpy(), batch.numpy()
+    if len(index) < len(paths):  # zeros in the places of the files that failed
+        placed = np.zeros((len(paths), *shape), np.uint8)
+        placed[index] = images
+        images = placed
+    decoded = np.zeros(len(paths), bool)
+    decoded[index] = True
     failed = np.flatnonzero(~decoded)
     failures = {int(i): decode_error(paths[i], image_size, channels) for i in failed}
     return images, failures
