@@ -7,6 +7,10 @@ class probabilities, in one of two shapes:
     (None, 1)            two classes: one sigmoid unit, the probability of class 1
     (None, num_classes)  K softmax units (K = 2 included), one probability per class
 
+Training feeds it uint8 pixels (a quarter of float32's bytes to the device): a
+functional or Sequential model casts them to its float32 input itself, any other
+model is wrapped in a functional one that does (`accepting_uint8`).
+
 It may come compiled or not. An uncompiled model is compiled here to fit its
 output (binary or categorical cross-entropy, Adam at cfg.learning_rate along
 cfg.lr_schedule, accuracy, AUC, precision and recall). Labels are encoded to match
