@@ -260,10 +260,22 @@ def load_images(keys: list[str], decode: Decode, cache: bool, cache_dir: str, sh
 
     Args:
         shape: (image_size, image_size, channels) the images are resized to.
+
+    Raises:
+        UserError: cache_dir was given and cannot be created. An unwritable default
+            only turns the disk cache off, with a note.
     """
     if not cache:
         return decode(list(range(len(keys))))
-    return ImageCache(cache_dir or default_cache_dir(), shape[0], shape[2]).load(keys, decode)
+    store = ImageCache(cache_dir or default_cache_dir(), shape[0], shape[2])
+    if not cache_dir:
+        try:
+            store.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"note: cannot write the image cache {store.folder} ({err.strerror}); "
+                  "decoding without it (--cache-dir names a writable one)")  # fmt: skip
+            return decode(list(range(len(keys))))
+    return store.load(keys, decode)
 
 
 def clean(cache_dir: str = "") -> int:

@@ -214,3 +214,13 @@ def test_tfds_goes_through_the_cache(tmp_path, capsys):
     np.testing.assert_array_equal(sorted_images(warm), sorted_images(cold))
     labels = np.concatenate([y.numpy() for _, y in warm_train])
     assert set(labels) <= {0, 1} and info.train_count == 20
+
+
+def test_an_unwritable_default_cache_turns_the_cache_off(demo_dir, tmp_path, capsys, monkeypatch):
+    from engine import cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cache, "default_cache_dir", lambda: blocker / "cache")
+    images, info, printed = load(demo_dir, "", capsys)
+    assert len(images) == 48 and "decoding without it" in printed
