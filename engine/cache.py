@@ -178,7 +178,11 @@ class ImageCache:
         """Rewrite the shards that mostly hold files since changed or gone, without those.
 
         Shards written at or after `since` (time.time_ns()) are fresh and left alone.
+        Temporary files of a write killed midway are removed after an hour.
         """
+        for leftover in self.folder.glob(".tmp-*"):
+            if leftover.stat().st_mtime < time.time() - 3600:
+                leftover.unlink(missing_ok=True)
         for meta_path in sorted(self.folder.glob("*.json")):
             if int(meta_path.stem.split("-")[0]) >= since:
                 continue
