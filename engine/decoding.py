@@ -18,6 +18,7 @@ import tensorflow as tf
 # Part of every cache key: bump it whenever what decode_image or resize_image
 # returns for the same file changes, so no run reads images decoded the old way.
 DECODER_VERSION = 1
+DECODE_BATCH = 1024  # images handed from tf.data to numpy at a time
 
 
 def resize_image(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
@@ -69,8 +70,8 @@ def decode_files(
         uint8, in the order of paths, zeros where a file failed; failures maps the
         index of each file that did not decode to the reason.
     """
-    shape = (image_size, image_size, channels)
-    index, images = np.zeros(0, np.int64), np.zeros((0, *shape), np.uint8)
+    images = np.zeros((len(paths), image_size, image_size, channels), np.uint8)
+    decoded = np.zeros(len(paths), bool)
     if paths:
         ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.array(paths, str)))
         ds = ds.map(
@@ -78,16 +79,11 @@ def decode_files(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         # A file that fails drops out here; its index is missing below, and it is
-        # decoded once more on its own for the reason. One batch of everything, in
-        # order: no copies in Python.
-        for index_tensor, batch in ds.ignore_errors().batch(len(paths)):
-            index, images = index_tensor.numpy(), batch.numpy()
-    if len(index) < len(paths):  # zeros in the places of the files that failed
-        placed = np.zeros((len(paths), *shape), np.uint8)
-        placed[index] = images
-        images = placed
-    decoded = np.zeros(len(paths), bool)
-    decoded[index] = True
+        # decoded once more on its own for the reason. Big batches: little Python
+        # work, and memory for no more than one batch besides the images.
+        for index, batch in ds.ignore_errors().batch(DECODE_BATCH).as_numpy_iterator():
+            images[index] = batch
+            decoded[index] = True
     failed = np.flatnonzero(~decoded)
     failures = {int(i): decode_error(paths[i], image_size, channels) for i in failed}
     return images, failures
