@@ -11,7 +11,7 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train ui load_tfdata mlproject test lint format bench clean
+.PHONY: help env quickstart train ui load_tfdata mlproject test lint format bench cache-clean clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,11 @@ format: $(VENV)/.installed ## reformat the code with ruff
 
 bench: $(VENV)/.installed ## measure input-pipeline throughput against a naive baseline
 	$(BIN)/python tests/bench_pipeline.py $(ARGS)
+
+# CACHE_DIR=... names another cache than the default (train.py's --cache-dir).
+CACHE_DIR ?=
+cache-clean: $(VENV)/.installed ## empty the decoded-image cache (default /storage/cache or ./.cache/images)
+	$(BIN)/python -c "import sys; from engine import cache; sys.exit(cache.clean('$(CACHE_DIR)'))"
 
 clean: ## remove caches and generated demo data (keeps .venv and the tracking store)
 	rm -rf .pytest_cache .ruff_cache data/demo

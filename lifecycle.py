@@ -461,7 +461,7 @@ def predict(
     paths = collect_paths(inputs, path_column)
     print(f"predicting {len(paths)} image(s) with {ref} ({spec.image_size}px, {spec.channels} ch)")
     classifier = serving.load_classifier(ref.uri)
-    rows, skipped = [], []
+    rows, reasons = [], {}
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
         answers = classifier.classify([Path(path).read_bytes() for path in batch])
@@ -469,8 +469,8 @@ def predict(
             if answer["error"] is None:
                 rows.append((path, answer))
             else:
-                skipped.append(path)
-    report_skipped(skipped, "unreadable file(s)")
+                reasons[path] = answer["error"]
+    report_skipped(sorted(reasons), "unreadable file(s)", reasons)
     if not rows:
         raise UserError("none of the input files is a readable image")
     output = Path(output)

@@ -5,7 +5,9 @@ train.py hands its Config class and its two functions to the engine, e.g.
 imports train.py or lifecycle.py. One module per concern:
 
     config      RunConfig (the engine's own knobs), UserError, flags made from a Config
-    images      decoding, resizing, splitting; the tf.data pipelines every source ends in
+    images      splitting, skipped-file reports; the tf.data pipelines every source ends in
+    decoding    decode and resize: the one definition training, the cache and predict share
+    cache       the decoded-image cache every run shares (--cache-dir)
     sources     the built-in data sources: imagedir, dataframe, arrays, tfds, demo
     network     the network contract: checked before a run, compiled when uncompiled
     evaluation  metrics (scikit-learn) and plots

@@ -49,7 +49,14 @@ class RunConfig:
     )
     training_samples: int = knob(0, "use at most this many training images (0 = all)")
     validation_samples: int = knob(0, "use at most this many validation images (0 = all)")
-    cache: bool = knob(True, "keep decoded images in memory after the first epoch")
+    cache: bool = knob(
+        True, "read and write decoded images in the shared cache at cache_dir (false: decode anew)"
+    )
+    cache_dir: str = knob(
+        "",
+        "the decoded-image cache every run shares (default /storage/cache when /storage is "
+        "writable, else ./.cache/images)",
+    )
     class_weight: str = knob(
         "none", "none, or balanced: weight each class's loss by 1 / its share of training images"
     )

@@ -2,19 +2,25 @@
 
 Every data source ends in `files_pipeline` (image files) or `arrays_pipeline`
 (images in memory), so all of them yield the same thing: batched
-(float32 pixels 0..255 of shape (image_size, image_size, channels), int32 labels).
+(uint8 pixels 0..255 of shape (image_size, image_size, channels), int32 labels).
+The model casts them to float on the device: a quarter of float32's bytes cross.
+Decoding (engine.decoding) is also the check that a file is an image, and decoded
+images go through the shared disk cache (engine.cache).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
+from engine import cache as image_cache
 from engine.config import RunConfig, UserError
+
+# decode_image and resize_image stay importable from here, where forks found them
+from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -55,53 +61,15 @@ def _cap(count: int, limit: int) -> int:
     return min(count, limit) if limit else count
 
 
-def resize_image(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-    """Any image tensor (H, W[, C]) -> uint8 (image_size, image_size, channels)."""
-    if image.shape.rank == 2:
-        image = image[..., tf.newaxis]
-    have = image.shape[-1]
-    if have == 4:
-        image = image[..., :3]
-        have = 3
-    if have == 1 and channels == 3:
-        image = tf.image.grayscale_to_rgb(image)
-    elif have == 3 and channels == 1:
-        image = tf.image.rgb_to_grayscale(image)
-    image = tf.image.resize(image, (image_size, image_size))  # bilinear, as Keras loaders
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def decode_image(path: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-    """An image file's path -> uint8 (image_size, image_size, channels) tensor."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-    return resize_image(image, image_size, channels)
-
-
-def is_readable_image(path: str) -> bool:
-    """True when PIL can open and verify the file as an image."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:
-        return False
-
-
-def split_readable(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Split image paths into (readable, unreadable), checking files in parallel."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        ok = list(pool.map(is_readable_image, paths))
-    good = [p for p, fine in zip(paths, ok, strict=True) if fine]
-    bad = [p for p, fine in zip(paths, ok, strict=True) if not fine]
-    return good, bad
-
-
-def report_skipped(skipped: list[str], what: str = "unreadable image file(s)") -> None:
-    """Print how many files were left out, and the first few of them."""
+def report_skipped(
+    skipped: list[str],
+    what: str = "unreadable image file(s)",
+    reasons: dict[str, str] | None = None,
+) -> None:
+    """Print how many files were left out, and the first few of them with the reason."""
     if skipped:
-        shown = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
+        lines = [f"{p}: {reasons[p]}" if reasons and p in reasons else p for p in skipped[:5]]
+        shown = "\n  ".join(lines) + ("\n  ..." if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} {what}:\n  {shown}")
 
 
@@ -210,14 +178,39 @@ def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
 
 
 def finish(ds: tf.data.Dataset, cfg: RunConfig, training: bool, count: int) -> tf.data.Dataset:
-    """uint8 images -> cached (a quarter of float32's memory), shuffled, batched float32."""
+    """Unbatched (uint8 image, label) pairs -> cached in memory, shuffled, batched, prefetched."""
     if cfg.cache:
         ds = ds.cache()
     if training:
         ds = ds.shuffle(min(max(count, 1), 10_000), seed=cfg.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(cfg.batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def memory_pipeline(
+    images: np.ndarray, labels: np.ndarray, cfg: RunConfig, training: bool
+) -> tf.data.Dataset:
+    """Decoded uint8 images in memory and their labels -> batched, prefetched pipeline.
+
+    The images are in memory already, so nothing is cached again; the training one
+    is reshuffled every epoch.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
+    if training:
+        buffer = min(max(len(images), 1), 10_000)
+        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def decode_cached(paths: list[str], cfg: RunConfig) -> image_cache.Decoded:
+    """Image files -> decoded images, read from the shared cache or decoded and stored."""
+    shape = image_shape(cfg)
+
+    def decode(indices: list[int]) -> image_cache.Decoded:
+        images, failures = decode_files([paths[i] for i in indices], shape[0], shape[2])
+        return image_cache.Decoded(images, -np.ones(len(indices), np.int64), failures)
+
+    keys = [image_cache.file_key(p) for p in paths]
+    return image_cache.load_images(keys, decode, cfg.cache, cfg.cache_dir, shape)
 
 
 def files_pipeline(
@@ -230,37 +223,30 @@ def files_pipeline(
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Image files and their label indices -> (train_ds, val_ds, info).
 
-    Corrupt or non-image files are skipped and reported (on the console, and in the
-    run's `skipped_files` param); the run stops only when a class is left empty.
+    Every file is decoded once, in parallel, or read from the shared cache. Corrupt or
+    non-image files are skipped and reported with the reason (on the console, and in
+    the run's `skipped_files` param); the run stops only when a class is left empty.
     `splits` gives each file's split where the source names one (see split_indices);
     otherwise train, val and test are drawn by cfg.val_split and cfg.test_split.
     The test split is info.test_ds.
     """
-    readable, skipped = split_readable(paths)
+    decoded = decode_cached(paths, cfg)
+    skipped = [paths[i] for i in sorted(decoded.failures)]
     if skipped:
-        report_skipped(skipped)
-        keep = set(readable)
-        kept = [i for i, p in enumerate(paths) if p in keep]
-        paths, labels = readable, [labels[i] for i in kept]
-        splits = None if splits is None else [splits[i] for i in kept]
-    require_classes(labels, class_names)
-
-    paths_arr, labels_arr = np.array(paths), np.array(labels, dtype=np.int32)
-    parts = split_indices(labels_arr, cfg, splits)
+        report_skipped(skipped, reasons={paths[i]: why for i, why in decoded.failures.items()})
+    readable = np.flatnonzero(decoded.ok())
+    labels_arr = np.array(labels, dtype=np.int32)[readable]
+    require_classes(labels_arr, class_names)
+    kept_splits = None if splits is None else [splits[i] for i in readable]
+    parts = split_indices(labels_arr, cfg, kept_splits)
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((paths_arr[idx], labels_arr[idx]))
-        ds = ds.map(
-            lambda path, label: (decode_image(path, cfg.image_size, cfg.channels), label),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        # A file that passed the PIL check but still fails to decode is dropped, not fatal.
-        ds = ds.ignore_errors()
-        return finish(ds, cfg, training, len(idx))
+        # one copy out of the decoded images: the readable ones of this split
+        return memory_pipeline(decoded.images[readable[idx]], labels_arr[idx], cfg, training)
 
-    table = {"path": paths, "label": [class_names[i] for i in labels],
-             "split": _split_names(len(paths), parts)}  # fmt: skip
+    kept_paths = [paths[i] for i in readable]
+    table = {"path": kept_paths, "label": [class_names[i] for i in labels_arr],
+             "split": _split_names(len(kept_paths), parts)}  # fmt: skip
     lineage = {"name": source or "images", "source": os.path.commonpath(paths), "table": table}
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
 
@@ -286,19 +272,18 @@ def arrays_pipeline(
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Images in memory (N, H, W, C), pixel values 0..255, and label indices -> pipelines.
 
-    `splits` as for files_pipeline; the test split is info.test_ds.
+    `splits` as for files_pipeline; the test split is info.test_ds. The images are
+    resized once, up front, to uint8; being in memory already, they skip the disk cache.
     """
     labels_arr = np.asarray(labels, dtype=np.int32)
     require_classes(labels_arr, class_names)
     parts = split_indices(labels_arr, cfg, splits)
+    used = np.concatenate(parts)  # resize only what the caps keep
+    resized = np.empty((len(labels_arr), *image_shape(cfg)), np.uint8)
+    resized[used] = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((images[idx], labels_arr[idx]))
-        ds = ds.map(
-            lambda x, y: (resize_image(x, cfg.image_size, cfg.channels), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        return finish(ds, cfg, training, len(idx))
+        return memory_pipeline(resized[idx], labels_arr[idx], cfg, training)
 
     lineage = {"name": source or "arrays", "source": "", "digest": array_digest(images, labels)}
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage)

@@ -7,6 +7,10 @@ class probabilities, in one of two shapes:
     (None, 1)            two classes: one sigmoid unit, the probability of class 1
     (None, num_classes)  K softmax units (K = 2 included), one probability per class
 
+Training feeds it uint8 pixels (a quarter of float32's bytes to the device): a
+functional or Sequential model casts them to its float32 input itself, any other
+model is wrapped in a functional one that does (`accepting_uint8`).
+
 It may come compiled or not. An uncompiled model is compiled here to fit its
 output (binary or categorical cross-entropy, Adam at cfg.learning_rate along
 cfg.lr_schedule, accuracy, AUC, precision and recall). Labels are encoded to match
@@ -79,6 +83,7 @@ def build_network(
     if not isinstance(model, keras.Model):
         raise UserError(f"define_network returned {type(model).__name__}, not a model. {CONTRACT}")
     head = check_outputs(model, input_shape, num_classes)
+    model = accepting_uint8(model, input_shape)
     if not model.compiled:
         compile_for_head(model, head, cfg, steps_per_epoch)
         return model, head
@@ -117,6 +122,25 @@ def check_outputs(model: keras.Model, input_shape: tuple[int, ...], num_classes:
             f"the model's {units} outputs do not sum to 1: end it with a softmax. {CONTRACT}"
         )
     return Head(units, sparse_labels=False)
+
+
+def accepting_uint8(model: keras.Model, input_shape: tuple[int, ...]) -> keras.Model:
+    """The model, taking the pipelines' uint8 pixels and casting them to float on the device.
+
+    A functional or Sequential model does so already (Keras casts inputs to its Input's
+    float32); any other model is wrapped in a functional one that does. Clients still
+    send float32 pixels to the logged and served model, as before.
+    """
+    try:
+        model(np.zeros((1, *input_shape), np.uint8), training=False)
+        return model
+    except Exception:  # e.g. a subclassed model whose first layer wants floats
+        pass
+    inputs = keras.Input(shape=input_shape, name="image")
+    wrapped = keras.Model(inputs, model(inputs), name=model.name)
+    if model.compiled:
+        wrapped.compile_from_config(model.get_compile_config())
+    return wrapped
 
 
 def learning_rate(

@@ -34,20 +34,6 @@ NETWORK_ARTIFACT = "network"
 REQUIREMENTS = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
 
 
-def image_dataset(paths: list[str], image_size: int, channels: int, batch_size: int = 64):
-    """Image files -> batched float32 pixels 0..255 (training's decode and resize)."""
-    import tensorflow as tf
-
-    from engine.images import decode_image
-
-    def decode(path):
-        return tf.cast(decode_image(path, image_size, channels), tf.float32)
-
-    ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=str))
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 def file_bytes(value: Any) -> bytes:
     """One request value -> the image file's bytes: base64 text (a data: URL too) or bytes.
 
@@ -140,7 +126,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         """Base64 texts or file bytes -> DataFrame of class, probability, probabilities, error."""
         import pandas as pd
 
-        from engine.images import is_readable_image
+        from engine.decoding import decode_files
         from engine.network import class_probabilities
 
         errors: list[str | None] = [None] * len(values)
@@ -151,17 +137,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 try:
                     path = Path(tmp) / str(i)
                     path.write_bytes(file_bytes(value))
+                    paths[i] = str(path)
                 except ValueError as err:
                     errors[i] = str(err)
-                    continue
-                if is_readable_image(str(path)):  # the check training skips files by
-                    paths[i] = str(path)
-                else:
-                    errors[i] = "not a readable image file (PNG, JPEG, BMP or GIF)"
-            if paths:
-                outputs = self._predict_files(list(paths.values()), errors, list(paths))
-                for i, row in zip(paths, class_probabilities(outputs), strict=True):
-                    probs[i] = row
+            # training's decoder, which is also its check that a file is an image
+            images, failures = decode_files(list(paths.values()), self.image_size, self.channels)
+        rows_of = list(paths)
+        for j, why in failures.items():
+            errors[rows_of[j]] = f"not a readable image file (PNG, JPEG, BMP or GIF): {why}"
+        decoded = [j for j in range(len(rows_of)) if j not in failures]
+        for start in range(0, len(decoded), self.batch_size):
+            chunk = decoded[start : start + self.batch_size]
+            outputs = self.forward(images[chunk].astype(np.float32))
+            probs[[rows_of[j] for j in chunk]] = class_probabilities(outputs)
         rows = []
         for i, error in enumerate(errors):
             if error is not None:
@@ -176,25 +164,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             })  # fmt: skip
         columns = ["class", "probability", "probabilities", "error"]
         return pd.DataFrame(rows, columns=columns, dtype=object)
-
-    def _predict_files(self, paths: list[str], errors: list, indices: list[int]) -> np.ndarray:
-        """The network's outputs for image files; a file that fails to decode gets an error."""
-        import tensorflow as tf
-
-        try:
-            batches = image_dataset(paths, self.image_size, self.channels, self.batch_size)
-            return np.concatenate([self.forward(x) for x in batches])
-        except tf.errors.OpError:
-            pass  # one file passed the check but does not decode: find it, keep the others
-        outputs = []
-        for path, i in zip(paths, indices, strict=True):
-            try:
-                (x,) = list(image_dataset([path], self.image_size, self.channels))
-                outputs.append(self.forward(x)[0])
-            except tf.errors.OpError as err:
-                errors[i] = f"the image does not decode ({err.message.splitlines()[0]})"
-                outputs.append(np.full(self.network.output_shape[-1], np.nan))
-        return np.stack(outputs)
 
 
 def signature():

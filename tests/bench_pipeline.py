@@ -3,11 +3,17 @@
 Usage:
     python tests/bench_pipeline.py [--images 4000] [--image-size 64] [--repeats 3]
 
-All sources read the same generated images. "first" is the first epoch, including
-load_data's own start-up (listing and checking files); "cached" is the second epoch.
-Each figure is the best of --repeats rounds. The baseline opens and resizes one image
-at a time with PIL in a Python generator fed to tf.data.Dataset.from_generator, with
-no caching, so its epochs cost the same.
+All sources read the same generated images. For each source:
+  cold    the first epoch of a first run: load_data with an empty decoded-image
+          cache (listing, decoding, checking and caching every file) and one pass;
+  warm    the first epoch of a second run: load_data reading the filled cache;
+  cached  a later epoch of that run, from memory.
+The tfds source reads a small TFDS dataset written here from the same PNGs (no
+download). The arrays source is in memory already and has no disk cache, so its
+cold and warm runs do the same work. Each figure is the best of --repeats rounds, the
+rows taking turns within a round. The baseline opens and resizes one image at a time
+with PIL in a Python generator fed to tf.data.Dataset.from_generator, with no
+caching, so its epochs cost the same. The last line is the imagedir summary.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +32,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from engine.decoding import decode_files  # noqa: E402
 from engine.sources import DEMO_CLASSES, make_demo_data  # noqa: E402
+
+FEED_RATE = 43_000  # img/s the default network trains at on an H200 in bfloat16 (issue 9)
 
 
 def epoch_rate(ds, started: float) -> tuple[float, int]:
@@ -33,7 +43,7 @@ def epoch_rate(ds, started: float) -> tuple[float, int]:
     return count / (time.perf_counter() - started), count
 
 
-def naive_baseline(paths, labels, cfg) -> tuple[float, float]:
+def naive_baseline(paths, labels, cfg) -> tuple[float, float, float]:
     import tensorflow as tf
 
     def generate():
@@ -45,12 +55,12 @@ def naive_baseline(paths, labels, cfg) -> tuple[float, float]:
     spec = (tf.TensorSpec((cfg.image_size, cfg.image_size, 3), tf.float32),
             tf.TensorSpec((), tf.int32))  # fmt: skip
     ds = tf.data.Dataset.from_generator(generate, output_signature=spec).batch(cfg.batch_size)
-    rates = [epoch_rate(ds, time.perf_counter())[0] for _ in range(2)]
-    return rates[0], rates[1]
+    first, later = (epoch_rate(ds, time.perf_counter())[0] for _ in range(2))
+    return first, first, later
 
 
-def decode_ceiling(paths) -> tuple[float, float]:
-    """Parallel PNG decoding alone, nothing else: the most a first epoch can reach here."""
+def decode_ceiling(paths) -> tuple[float, float, float]:
+    """Parallel PNG decoding alone, nothing else: the most a cold first epoch can reach here."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(paths).map(
@@ -58,7 +68,7 @@ def decode_ceiling(paths) -> tuple[float, float]:
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     rate = len(paths) / _seconds(lambda: [None for _ in ds.batch(32)])
-    return rate, rate
+    return rate, rate, rate
 
 
 def _seconds(work) -> float:
@@ -67,13 +77,46 @@ def _seconds(work) -> float:
     return time.perf_counter() - started
 
 
-def measure(cfg) -> tuple[float, float]:
-    started = time.perf_counter()
-    train_ds, _, info = train.load_data(cfg)
-    first, count = epoch_rate(train_ds, started)
-    assert count == info.train_count, (count, info.train_count)
+def measure(cfg, cache_dir: Path) -> tuple[float, float, float]:
+    """(cold first epoch, warm first epoch, cached epoch) img/s, cache_dir empty at first."""
+    cfg = dataclasses.replace(cfg, cache_dir=str(cache_dir))
+    rates = []
+    for _ in range(2):  # a first run on the empty cache, then a second run
+        started = time.perf_counter()
+        train_ds, _, info = train.load_data(cfg)
+        rate, count = epoch_rate(train_ds, started)
+        assert count == info.train_count, (count, info.train_count)
+        rates.append(rate)
     cached, _ = epoch_rate(train_ds, time.perf_counter())
-    return first, cached
+    return rates[0], rates[1], cached
+
+
+def write_tfds(root: Path, paths: list[str], labels: list[int], data_dir: Path) -> str:
+    """A TFDS dataset of the PNGs (encoded as they are), prepared into data_dir; its name."""
+    import tensorflow_datasets as tfds
+
+    class BenchCells(tfds.core.GeneratorBasedBuilder):
+        """The benchmark's PNG cells as a TFDS dataset."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+            label = tfds.features.ClassLabel(names=list(DEMO_CLASSES))
+            features = tfds.features.FeaturesDict({"image": image, "label": label})
+            return tfds.core.DatasetInfo(
+                builder=self, features=features, supervised_keys=("image", "label")
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for path, label in zip(paths, labels, strict=True):
+                yield path, {"image": path, "label": label}
+
+    BenchCells(data_dir=str(data_dir)).download_and_prepare()
+    return BenchCells.name
 
 
 def main() -> int:
@@ -84,16 +127,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of each is kept")
     args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         print(f"generating {args.images} {args.source_size}px PNGs ...", flush=True)
         make_demo_data(root, args.images, args.source_size, seed=0)
-        base = train.Config(image_size=args.image_size, batch_size=args.batch_size,
-                            val_split=0.2, data_dir=str(root))  # fmt: skip
-        _, _, info = train.load_data(dataclasses.replace(base, data_source="imagedir"))
         paths = sorted(str(p) for p in root.rglob("*.png"))
         labels = [DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
+        base = train.Config(image_size=args.image_size, batch_size=args.batch_size,
+                            val_split=0.2, data_dir=str(root))  # fmt: skip
+        caches = Path(tmp) / "caches"
+        _, _, info = train.load_data(
+            dataclasses.replace(base, data_source="imagedir", cache_dir=str(caches / "info"))
+        )
 
         table = Path(tmp) / "table.csv"
         with open(table, "w", newline="") as f:
@@ -103,38 +150,54 @@ def main() -> int:
         arrays = Path(tmp) / "arrays.npz"
         np.savez(arrays, images=np.stack([np.asarray(Image.open(p)) for p in paths]),
                  labels=np.array(labels))  # fmt: skip
+        tfds_dir = Path(tmp) / "tfds"
+        print("writing them as a TFDS dataset ...", flush=True)
+        tfds_name = write_tfds(root, paths, labels, tfds_dir)
 
         # Warm TensorFlow up once so no row pays its one-time start-up cost.
-        measure(dataclasses.replace(base, data_source="imagedir", training_samples=64))
+        measure(dataclasses.replace(base, data_source="imagedir", training_samples=64),
+                caches / "warm-up")  # fmt: skip
         # The baseline reads the training split's share of the images, like the others.
-        share = paths[: info.train_count]
-        share_labels = labels[: info.train_count]
+        share, share_labels = paths[: info.train_count], labels[: info.train_count]
         runs = {
-            "naive generator (baseline)": lambda: naive_baseline(share, share_labels, base),
-            "decode only (ceiling)": lambda: decode_ceiling(share),
+            "naive generator (baseline)": lambda _: naive_baseline(share, share_labels, base),
+            "decode only (ceiling)": lambda _: decode_ceiling(share),
         }
-        for source, data_dir in [("imagedir", root), ("dataframe", table), ("arrays", arrays)]:
-            cfg = dataclasses.replace(base, data_source=source, data_dir=str(data_dir))
-            runs[source] = lambda cfg=cfg: measure(cfg)
-        # Best of `repeats` rounds, the rows taking turns within each round, so a
-        # passing load on the machine cannot favour one row.
-        best: dict[str, tuple[float, float]] = {}
+        sources = [("imagedir", root), ("dataframe", table), ("arrays", arrays),
+                   ("tfds", tfds_dir)]  # fmt: skip
+        for source, data_dir in sources:
+            cfg = dataclasses.replace(base, data_source=source, data_dir=str(data_dir),
+                                      dataset=tfds_name)  # fmt: skip
+            runs[source] = lambda cache_dir, cfg=cfg: measure(cfg, cache_dir)
+        best: dict[str, tuple[float, ...]] = {}
         for round_number in range(args.repeats):
             print(f"round {round_number + 1} of {args.repeats} ...", flush=True)
             for name, run in runs.items():
-                first, cached = run()
-                old_first, old_cached = best.get(name, (0.0, 0.0))
-                best[name] = (max(first, old_first), max(cached, old_cached))
-        rows = [(name, *rates) for name, rates in best.items()]
-        base_first, base_cached = rows[0][1:]
+                rates = run(caches / f"{name.split()[0]}-{round_number}")
+                best[name] = tuple(map(max, zip(rates, best.get(name, (0.0,) * 3), strict=True)))
+        imagedir_cache = (caches / "imagedir-0").rglob("*")
+        cache_bytes = sum(p.stat().st_size for p in imagedir_cache if p.is_file())
+
+        seconds = min(_seconds(lambda: decode_files(share, 128, 3)) for _ in range(args.repeats))
+        per_core = len(share) / seconds / cores
 
     print(f"\n{info.train_count} training images, {args.source_size}px PNG -> "
-          f"{args.image_size}px, batch {args.batch_size}\n")  # fmt: skip
-    print("| source | first epoch (img/s) | vs baseline | cached epoch (img/s) | vs baseline |")
-    print("|---|---:|---:|---:|---:|")
-    for name, first, cached in rows:
-        print(f"| {name} | {first:,.0f} | {first / base_first:.1f}x | {cached:,.0f} "
-              f"| {cached / base_cached:.1f}x |")  # fmt: skip
+          f"{args.image_size}px, batch {args.batch_size}, {cores} cores\n")  # fmt: skip
+    print("| source | cold first epoch (img/s) | vs baseline | warm first epoch (img/s) "
+          "| vs baseline | cached epoch (img/s) | vs baseline |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base_rates = best["naive generator (baseline)"]
+    for name, rates in best.items():
+        cells = [f"{rate:,.0f} | {rate / ref:.1f}x" for rate, ref in zip(rates, base_rates,
+                                                                          strict=True)]  # fmt: skip
+        print(f"| {name} | {' | '.join(cells)} |")
+    print(f"\ncache for the imagedir data: {cache_bytes / 1e6:.1f} MB "
+          f"({args.images} images at {args.image_size}px)")  # fmt: skip
+    print(f"loader at 128 px (decode + resize + check, cold): {per_core:,.0f} img/s per core; "
+          f"{FEED_RATE:,} img/s takes {FEED_RATE / per_core:.0f} cores")  # fmt: skip
+    cold, warm, cached = (r / b for r, b in zip(best["imagedir"], base_rates, strict=True))
+    print(f"summary: cold first epoch {cold:.1f}x, warm first epoch {warm:.1f}x, "
+          f"cached epoch {cached:.1f}x")  # fmt: skip
     return 0
 
 

@@ -51,6 +51,17 @@ def no_active_experiment(monkeypatch):
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def image_cache_in_tmp(tmp_path_factory):
+    """The tests' decoded-image cache is a temporary folder, not the project's or /storage's."""
+    from engine import cache
+
+    root = tmp_path_factory.mktemp("image-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "default_cache_dir", lambda: root)
+        yield root
+
+
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch) -> str:
     """A fresh local sqlite tracking store for one test; returns its URI."""

@@ -95,6 +95,37 @@ def test_define_network_keeps_its_contract(num_classes):
     assert ((outputs >= 0) & (outputs <= 1)).all()
 
 
+class SubclassedNetwork(keras.Model):
+    """A subclassed model, whose Conv2D would refuse the pipelines' uint8 pixels."""
+
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.conv = keras.layers.Conv2D(4, 3)
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.head = keras.layers.Dense(1, activation="sigmoid")
+
+    def call(self, images):
+        return self.head(self.pool(self.conv(images / 255.0)))
+
+
+@pytest.mark.parametrize("network", ["example", "subclassed"])
+def test_the_built_model_takes_uint8_batches_and_float32_from_clients(network, tmp_path):
+    cfg = tiny_config()
+    shape = (cfg.image_size, cfg.image_size, cfg.channels)
+    define = train.define_network if network == "example" else lambda *_: SubclassedNetwork()
+    model, head = build_network(define, shape, 2, cfg)
+    train_ds, _, _ = check_data(train.load_data(tiny_config(data_dir=str(tmp_path / "demo"))))
+    images, labels = next(iter(train_ds))
+    assert images.dtype == tf.uint8  # a quarter of float32's bytes to the device
+    target = tf.cast(labels, tf.float32)[:, None] if head.binary else tf.one_hot(labels, 2)
+    model.fit(images, target, verbose=0)
+    np.testing.assert_allclose(
+        model.predict(images, verbose=0),
+        model.predict(tf.cast(images, tf.float32).numpy(), verbose=0),  # as a client sends
+        atol=1e-6,
+    )
+
+
 def _small_body(input_shape):
     inputs = keras.Input(shape=input_shape)
     x = keras.layers.Rescaling(1 / 255)(inputs)

@@ -29,7 +29,7 @@ def all_labels(ds) -> np.ndarray:
 
 def check_pipeline(ds, cfg, expect_labels):
     images, labels = first_batch(ds)
-    assert images.dtype == np.float32
+    assert images.dtype == np.uint8
     assert images.shape[1:] == (cfg.image_size, cfg.image_size, cfg.channels)
     assert images.shape[0] <= cfg.batch_size
     assert images.min() >= 0 and images.max() <= 255 and images.max() > 1
