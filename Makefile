@@ -11,7 +11,7 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train ui load_tfdata mlproject test lint format bench clean
+.PHONY: help env quickstart train tune ui load_tfdata mlproject test lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ quickstart: $(VENV)/.installed ## train a small CNN on offline demo data, log an
 
 train: $(VENV)/.installed ## run train.py locally with ARGS="--flag value ..."
 	$(BIN)/python train.py $(ARGS)
+
+tune: $(VENV)/.installed ## search hyperparameters (tune.yaml) with pruning: ARGS="--trials 20 --workers 2 --epochs 8"
+	$(BIN)/python -m engine.tune train $(ARGS)
 
 ui: $(VENV)/.installed ## browse the local tracking store (mlflow.db, mlruns/) on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
