@@ -150,7 +150,7 @@ def tune_parser() -> argparse.ArgumentParser:
                         "new one (default: EXPERIMENT-tune-DATE-TIME)")  # fmt: skip
     parser.add_argument("--storage", default="", help="journal file path or postgresql:// "
                         "URL (default /storage/tune/studies.journal, else ./.tune/)")  # fmt: skip
-    parser.add_argument("--space", default="tune.yaml", help="search space file")
+    parser.add_argument("--space", default="tune.yaml", help="search space file ('' = none)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=RANGE",
                         help="search NAME: LOW:HIGH, LOW:HIGH:log or A,B,C")  # fmt: skip
     parser.add_argument("--pruner", default="median", choices=PRUNERS)
@@ -191,8 +191,8 @@ def prepare(argv: list[str]) -> tuple[TuneSettings, int, int]:
     # The trials' best epoch is picked by the tuned metric, so a trial's value is its best.
     base = dataclasses.replace(base, monitor=metric, resume_run_id="")
     base.validate()
-    space_file = Path(args.space)
-    if args.space != "tune.yaml" and not space_file.exists():
+    space_file = Path(args.space) if args.space else None  # --space '': only --param
+    if args.space not in ("", "tune.yaml") and not space_file.exists():
         raise UserError(f"--space {space_file} does not exist")
     space = search_space.load_space(space_file, args.param, config_cls, given - {"monitor"})
     search_space.check_space(space, base)
@@ -376,7 +376,9 @@ def worker_main(settings_file: str, worker: int) -> int:
     hooks = load_hooks(settings.hooks)
     study = make_study(settings, worker)
     done = 0
-    while len(study.get_trials(deepcopy=False)) < settings.stop_at:
+    # queued (WAITING) trials are not counted: asking for one starts it
+    started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    while len(study.get_trials(deepcopy=False, states=started)) < settings.stop_at:
         if settings.deadline and time.time() > settings.deadline:
             print("--timeout reached: no more trials")
             break
