@@ -561,6 +561,19 @@ def register_best(study, best, settings: TuneSettings) -> str | None:
 # ----------------------------------------------------------------------------
 
 
+def check_data_once(settings: TuneSettings) -> None:
+    """Load the data once before the workers start: bad data stops the study before any
+    trial, and data made on first use (the demo images) is not made by two workers at once.
+    """
+    from engine.training import check_data
+
+    config_cls, load_data, _ = load_hooks(settings.hooks)
+    print("checking the data ...")
+    _, _, info = check_data(load_data(config_cls(**settings.base)))
+    print(f"  {info.train_count} training / {info.val_count} validation images, "
+          f"classes {info.class_names}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a study (or, as `worker FILE N`, one worker of it).
 
@@ -576,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, workers, trials = prepare(argv)
         tracking_uri = tracking.configure_tracking()
+        check_data_once(settings)
         study = make_study(settings)
         if study.direction.name.lower() != settings.direction:
             raise UserError(
