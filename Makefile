@@ -74,7 +74,7 @@ GIT_URL ?=
 VERSION ?=
 VERSION_ARGS = $(if $(GIT_URL),--git-url $(GIT_URL)) $(if $(VERSION),--version $(VERSION))
 
-.PHONY: build run sweep kube-run test-docker
+.PHONY: build run sweep tune-docker kube-run test-docker
 
 # The code's commit and content hash are baked in (labels, .code_identity.json) and the
 # image gets a second tag per code version, NAME:code-<hash>; see doc/docker.md.
@@ -90,6 +90,9 @@ run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACK
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
 	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py sweep $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+tune-docker: $(VENV)/.installed ## make tune with each worker a container on its own GPU (needs a tracking server; ARGS as make tune)
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py tune $(ARGS)
 
 # MLflow's Kubernetes backend builds FROM the image above with the project folder
 # added and pushes it; a worktree of HEAD keeps .venv and data out of that copy, and

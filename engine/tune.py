@@ -42,6 +42,8 @@ from engine.config import MONITORS, UserError, add_config_flags, build_parser
 STORAGE_ROOT = Path("/storage")
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 PRUNERS = ("median", "hyperband", "none")
+# A worker started as `python -m engine.tune worker - N` reads its settings from here.
+SETTINGS_ENV = "TUNE_SETTINGS"
 
 
 def default_storage(project_dir: Path) -> str:
@@ -372,7 +374,8 @@ def worker_main(settings_file: str, worker: int) -> int:
 
     # SIGTERM (docker stop, the coordinator's Ctrl-C) unwinds: the trial and run fail
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    settings = TuneSettings(**json.loads(Path(settings_file).read_text()))
+    text = os.environ[SETTINGS_ENV] if settings_file == "-" else Path(settings_file).read_text()
+    settings = TuneSettings(**json.loads(text))
     hooks = load_hooks(settings.hooks)
     study = make_study(settings, worker)
     done = 0
@@ -412,20 +415,39 @@ def gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
-def start_workers(settings_file: Path, workers: int, hooks_dir: Path) -> list[subprocess.Popen]:
-    """K worker processes, each on its own GPU when there are any, output prefixed."""
-    from engine.tracking import PROJECT_DIR
+class LocalWorkers:
+    """Workers as processes on this machine, each on its own GPU when there are any.
 
-    gpus = gpu_count()
-    path = os.pathsep.join(dict.fromkeys([str(hooks_dir), str(PROJECT_DIR)]))
+    project_driver.py's DockerWorkers has the same two methods and runs each worker
+    as a container instead.
+    """
+
+    def __init__(self, hooks_dir: Path):
+        from engine.tracking import PROJECT_DIR
+
+        self.gpus = gpu_count()
+        self.pythonpath = os.pathsep.join(dict.fromkeys([str(hooks_dir), str(PROJECT_DIR)]))
+
+    def check(self, settings: TuneSettings) -> None:
+        """Raise UserError when these workers could not run the study (nothing to check)."""
+
+    def command(self, worker: int, settings_json: str) -> tuple[list[str], dict[str, str]]:
+        """(the worker's command line, its environment)."""
+        env = {**os.environ, "PYTHONPATH": self.pythonpath, SETTINGS_ENV: settings_json}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(worker % self.gpus)
+        return [sys.executable, "-m", "engine.tune", "worker", "-", str(worker)], env
+
+
+def start_workers(launcher, settings: TuneSettings, workers: int) -> list[subprocess.Popen]:
+    """Start K workers with the launcher, their output relayed with a [worker N] prefix."""
+    settings_json = json.dumps(dataclasses.asdict(settings))
     processes = []
     for worker in range(workers):
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
+        command, env = launcher.command(worker, settings_json)
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.tune", "worker", str(settings_file), str(worker)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
 
         def relay(stream=process.stdout, prefix=f"[worker {worker}] "):
@@ -574,8 +596,13 @@ def check_data_once(settings: TuneSettings) -> None:
           f"classes {info.class_names}")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launcher=None) -> int:
     """Run a study (or, as `worker FILE N`, one worker of it).
+
+    Args:
+        launcher: how workers start (LocalWorkers by default; project_driver.py passes
+            DockerWorkers): check(settings) raises UserError, command(worker, json)
+            gives a worker's command line and environment.
 
     Returns:
         0 when the study ran, 2 for a problem the user can fix (message, no traceback).
@@ -589,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, workers, trials = prepare(argv)
         tracking_uri = tracking.configure_tracking()
+        hooks_dir = Path(importlib.import_module(settings.hooks).__file__).resolve().parent
+        launcher = launcher or LocalWorkers(hooks_dir)
+        launcher.check(settings)
         check_data_once(settings)
         study = make_study(settings)
         if study.direction.name.lower() != settings.direction:
@@ -611,20 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     for param in settings.space:
         print(f"  {search_space.Param(**param).describe()}")
     started = time.time()
-    hooks_dir = Path(importlib.import_module(settings.hooks).__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
-        settings_file = Path(tmp) / "settings.json"
-        settings_file.write_text(json.dumps(dataclasses.asdict(settings)))
-        try:
-            status = wait_for(start_workers(settings_file, workers, hooks_dir))
-        except BaseException:
-            import mlflow
+    try:
+        status = wait_for(start_workers(launcher, settings, workers))
+    except BaseException:
+        import mlflow
 
-            mlflow.MlflowClient().set_terminated(settings.parent_run_id, "KILLED")
-            print(f"\nstopped; continue the study with --study-name {settings.study_name}"
-                  + (f" --storage {safe_url(settings.storage)}" if "://" in settings.storage
-                     else ""), file=sys.stderr)  # fmt: skip
-            raise
+        mlflow.MlflowClient().set_terminated(settings.parent_run_id, "KILLED")
+        print(f"\nstopped; continue the study with --study-name {settings.study_name}"
+              + (f" --storage {safe_url(settings.storage)}" if "://" in settings.storage
+                 else ""), file=sys.stderr)  # fmt: skip
+        raise
     summary = finish(study, settings)
     print(f"\ndone in {time.time() - started:.0f} s: {summary['trials']} trial(s) in the "
           f"study, {summary['finished']} finished, {summary['pruned']} pruned, "

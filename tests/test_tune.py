@@ -236,3 +236,43 @@ def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
         assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     finally:
         server.cleanup()
+
+
+# ---------------------------------------------------------------- Docker workers (no Docker)
+
+
+def test_each_docker_worker_gets_its_own_gpu_the_plan_and_the_settings():
+    import project_driver as driver
+
+    plan = driver.Plan(tracking_uri="http://127.0.0.1:5000")
+    plan.decide({"network": "host"}, "tracking")
+    plan.decide({"user": "1000:1000"}, "user")
+    plan.decide({"volume": "/storage:/storage"}, "storage")
+    four = driver.GpuInfo(runtime=True, count=4)
+    commands = [driver.tune_worker_command(w, '{"a": 1}', plan, four, "auto", "img:code-1")
+                for w in range(5)]  # fmt: skip
+    for worker, command in enumerate(commands):
+        assert command[:3] == ["docker", "run", "--rm"]
+        assert f"--gpus=device={worker % 4}" in command
+        assert {"--network=host", "--user=1000:1000", "--volume=/storage:/storage"} <= set(command)
+        assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in command
+        assert f'{tune.SETTINGS_ENV}={{"a": 1}}' in command
+        image = command.index("img:code-1")
+        assert command[image + 1 :] == ["python", "-m", "engine.tune", "worker", "-", str(worker)]
+
+
+@pytest.mark.parametrize(
+    "storage, tracking, says",
+    [
+        ("/storage/tune/s.journal", "http://127.0.0.1:5000", ""),
+        ("postgresql://u:p@db:5432/optuna", "http://127.0.0.1:5000", ""),
+        ("/work/.tune/s.journal", "http://127.0.0.1:5000", "not under STORAGE_DIR"),
+        ("sqlite:////storage/s.db", "http://127.0.0.1:5000", "not shared"),
+        ("/storage/tune/s.journal", "sqlite:///mlflow.db", "cannot reach"),
+    ],
+)
+def test_docker_workers_need_a_shared_storage_and_a_tracking_server(storage, tracking, says):
+    import project_driver as driver
+
+    problem = driver.tune_storage_problem(storage, "/storage", tracking)
+    assert (says in problem) if says else problem == ""
