@@ -14,7 +14,8 @@ imports train.py or lifecycle.py. One module per concern:
     cli         main(): flags, errors without tracebacks, signals
     mlproject   the MLproject `main` entry point, written from a Config
     search_space  tune.yaml and --param: the parameters a study searches, checked
-    tune        `make tune`: an Optuna study, its workers, its MLflow parent run
+    tune        `make tune`: an Optuna study, its MLflow parent run, the best model
+    tune_workers  the worker loop (ask, train, tell) and the pruning callback
 
 Importing `engine` (or any module of it) sets nothing: no environment variable,
 no log level, no signal handler. Those happen in cli.main() and tune.main().

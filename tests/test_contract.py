@@ -227,7 +227,8 @@ def test_importing_train_lifecycle_and_the_engine_changes_nothing():
     script = """
 import os, signal, sys
 before = dict(os.environ)
-import engine, engine.cli, engine.training, engine.sources, engine.tracking, engine.tune
+import engine, engine.cli, engine.training, engine.sources, engine.tracking
+import engine.tune, engine.tune_workers
 import train, lifecycle
 changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
 assert not changed, changed
