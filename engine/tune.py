@@ -129,6 +129,7 @@ class TuneSettings:
     stop_at: int  # the study stops asking once it holds this many trials
     deadline: float  # time.time() after which no trial starts (0 = none)
     seed: int
+    prune_after: int = 1  # epochs every trial trains before it can be pruned
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -154,6 +155,9 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=RANGE",
                         help="search NAME: LOW:HIGH, LOW:HIGH:log or A,B,C")  # fmt: skip
     parser.add_argument("--pruner", default="median", choices=PRUNERS)
+    parser.add_argument("--prune-after", type=int, default=0,
+                        help="epochs a trial trains before it can be pruned "
+                        "(default: --epochs // 3, at least 1)")  # fmt: skip
     return parser
 
 
@@ -179,8 +183,8 @@ def prepare(argv: list[str]) -> tuple[TuneSettings, int, int]:
     args, rest = tune_parser().parse_known_args(argv)
     config_cls, _, _ = load_hooks(args.hooks)
     base, given = given_train_flags(config_cls, rest)
-    if args.trials < 1 or args.workers < 1:
-        raise UserError("--trials and --workers must be positive")
+    if args.trials < 1 or args.workers < 1 or args.prune_after < 0:
+        raise UserError("--trials and --workers must be positive, --prune-after 0 or more")
     metric = args.metric or base.monitor
     if metric not in MONITORS:
         raise UserError(
@@ -208,6 +212,8 @@ def prepare(argv: list[str]) -> tuple[TuneSettings, int, int]:
         direction=direction, pruner=args.pruner, base=dataclasses.asdict(base),
         space=[dataclasses.asdict(p) for p in space], parent_run_id="", stop_at=0,
         deadline=time.time() + args.timeout if args.timeout > 0 else 0.0, seed=base.seed,
+        # early epochs are noisy (a high learning rate starts badly): wait a third of them
+        prune_after=args.prune_after or max(1, base.epochs // 3),
     )  # fmt: skip
     return settings, args.workers, args.trials
 
@@ -223,9 +229,14 @@ def make_study(settings: TuneSettings, worker: int = 0):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = {
-        # a trial is compared with the median of earlier ones from its 2nd epoch on
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+        # a trial is compared with the median of the finished ones at the same epoch,
+        # once 2 have finished and it has trained prune_after epochs
+        "median": lambda: optuna.pruners.MedianPruner(
+            n_startup_trials=2, n_warmup_steps=settings.prune_after
+        ),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(
+            min_resource=settings.prune_after, max_resource=settings.base["epochs"]
+        ),
         "none": optuna.pruners.NopPruner,
     }[settings.pruner]()
     sampler = optuna.samplers.TPESampler(seed=settings.seed + worker, n_startup_trials=4)
@@ -305,7 +316,8 @@ def open_parent_run(study, settings: TuneSettings, tracking_uri: str) -> str:
     params.update({
         "tune.study_name": settings.study_name, "tune.storage": safe_url(settings.storage),
         "tune.metric": settings.metric, "tune.direction": settings.direction,
-        "tune.pruner": settings.pruner, "tune.space": json.dumps(settings.space),
+        "tune.pruner": settings.pruner, "tune.prune_after": settings.prune_after,
+        "tune.space": json.dumps(settings.space),
     })  # fmt: skip
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run_id

@@ -1,6 +1,6 @@
 """Tuned search against a grid of as many points run to the end, on the demo data.
 
-    .venv/bin/python tests/bench_tune.py [--trials 6] [--epochs 4] [--workers 2]
+    .venv/bin/python tests/bench_tune.py [--epochs 6] [--workers 2] [--only grid|tuned]
 
 Both go through `python -m engine.tune` with the same workers, data and epochs, into a
 throw-away tracking store: the grid is its points queued into a study with no pruner
@@ -56,6 +56,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", choices=["grid", "tuned"], help="run one of the two")
+    parser.add_argument("--prune-after", default="0", help="tune's --prune-after (0: default)")
     args = parser.parse_args()
     import optuna
 
@@ -71,13 +73,15 @@ def main() -> int:
                   "--image-size", "32", "--epochs", str(args.epochs), "--dense-units", "32",
                   "--registered-model-name", "", "--export-savedmodel", "false",
                   "--experiment-name", "bench-tune"]  # fmt: skip
-        grid = optuna.create_study(study_name="grid", storage=tune.open_storage(storage))
-        for point in points:
-            grid.enqueue_trial(point)
-        rows = [
-            measure("grid", [*common, "--pruner", "none"], storage, "bench-tune"),
-            measure("tuned", [*common, "--pruner", "median"], storage, "bench-tune"),
-        ]
+        rows = []
+        if args.only != "tuned":
+            grid = optuna.create_study(study_name="grid", storage=tune.open_storage(storage))
+            for point in points:
+                grid.enqueue_trial(point)
+            rows.append(measure("grid", [*common, "--pruner", "none"], storage, "bench-tune"))
+        if args.only != "grid":
+            flags = [*common, "--pruner", "median", "--prune-after", args.prune_after]
+            rows.append(measure("tuned", flags, storage, "bench-tune"))
     print("\n| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))
     for row in rows:
