@@ -135,7 +135,8 @@ class TuneSettings:
 def tune_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.tune",
-        description="Search hyperparameters with Optuna; every other flag goes to each trial.",
+        description="Search hyperparameters with Optuna (doc/tuning.md). Every other flag "
+        "is a train flag (python train.py --help lists them) given to each trial.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("hooks", help="module with Config, load_data, define_network")
