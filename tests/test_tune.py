@@ -4,6 +4,7 @@ recorded in a real MLflow store; nothing is mocked."""
 from __future__ import annotations
 
 import itertools
+import signal
 import socket
 import subprocess
 import sys
@@ -276,3 +277,36 @@ def test_docker_workers_need_a_shared_storage_and_a_tracking_server(storage, tra
 
     problem = driver.tune_storage_problem(storage, "/storage", tracking)
     assert (says in problem) if says else problem == ""
+
+
+def test_sigterm_stops_a_study_its_trials_fail_and_it_continues(tracking_store, tmp_path,
+                                                                demo_flags):  # fmt: skip
+    """A real `python -m engine.tune` stopped mid-trial, as a scheduler or Ctrl-C does."""
+    storage = str(tmp_path / "study.journal")
+    flags = ["--workers", "1", "--storage", storage, "--study-name", "stopped", "--space", "",
+             "--param", "learning_rate=1e-3:1e-2:log", *demo_flags, "--convolutions", "1",
+             "--registered-model-name", ""]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.tune", "train", "--trials", "2", *flags, "--epochs", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = []
+    for line in process.stdout:  # stop it once a trial trains
+        output.append(line)
+        if "Epoch 2/50" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output += process.stdout.readlines()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    assert "Continue the study with --study-name stopped" in "".join(output)
+    assert "Traceback" not in "".join(output)
+    parent, children = parent_and_children("tune-tests")
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children] == ["FAILED"]
+    assert [t.state for t in load_study(storage, "stopped").trials] == [TrialState.FAIL]
+
+    assert tune.main(["train", "--trials", "1", *flags, "--epochs", "1"]) == 0
+    parent_again, children = parent_and_children("tune-tests")
+    assert parent_again.info.run_id == parent.info.run_id
+    assert parent_again.info.status == "FINISHED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
