@@ -11,7 +11,7 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train ui load_tfdata mlproject test lint format bench cache-clean clean
+.PHONY: help env quickstart train tune ui load_tfdata mlproject test lint format bench cache-clean clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ quickstart: $(VENV)/.installed ## train a small CNN on offline demo data, log an
 
 train: $(VENV)/.installed ## run train.py locally with ARGS="--flag value ..."
 	$(BIN)/python train.py $(ARGS)
+
+tune: $(VENV)/.installed ## search hyperparameters (tune.yaml) with pruning: ARGS="--trials 20 --workers 2 --epochs 8"
+	$(BIN)/python -m engine.tune train $(ARGS)
 
 ui: $(VENV)/.installed ## browse the local tracking store (mlflow.db, mlruns/) on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -79,7 +82,7 @@ VERSION_ARGS = $(if $(GIT_URL),--git-url $(GIT_URL)) $(if $(VERSION),--version $
 # its checkpoint (under STORAGE_DIR, /storage by default) into the same MLflow run.
 RETRIES ?= 0
 
-.PHONY: build run sweep kube-run test-docker
+.PHONY: build run sweep tune-docker kube-run test-docker
 
 # The code's commit and content hash are baked in (labels, .code_identity.json) and the
 # image gets a second tag per code version, NAME:code-<hash>; see doc/docker.md.
@@ -95,6 +98,9 @@ run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACK
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
 	BASE_IMAGE=$(BASE_IMAGE) RETRIES=$(RETRIES) $(BIN)/python project_driver.py sweep $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+tune-docker: $(VENV)/.installed ## make tune with each worker a container on its own GPU (needs a tracking server; ARGS as make tune)
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py tune $(ARGS)
 
 # MLflow's Kubernetes backend builds FROM the image above with the project folder
 # added and pushes it; a worktree of HEAD keeps .venv and data out of that copy, and

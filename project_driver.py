@@ -9,6 +9,7 @@ Usage:
     python project_driver.py sweep -P epochs=1,2 -P learning_rate=0.001,0.01
     python project_driver.py sweep --grid sweep.yaml --parallel 2 --experiment-name lr-sweep
     RETRIES=2 ./project_driver.bash -P epochs=30      # a failed run is resumed, twice at most
+    python project_driver.py tune --trials 20 --workers 4 --epochs 8   # make tune-docker
 
 Before anything starts, the driver checks the tracking server, builds the image for the
 code it runs (seconds when only code changed; tagged NAME:latest and NAME:code-<hash>,
@@ -926,6 +927,106 @@ def run_sweep(
 
 
 # ----------------------------------------------------------------------------
+# Tuning: engine.tune's workers as containers, one GPU each
+# ----------------------------------------------------------------------------
+
+
+def docker_run_flags(docker_args: Mapping[str, str | bool]) -> list[str]:
+    """`docker run` flags for docker args: --name=value, or --name for a flag."""
+    return [
+        f"--{name}" if value is True else f"--{name}={value}" for name, value in docker_args.items()
+    ]
+
+
+def tune_storage_problem(storage: str, storage_dir: str, tracking_uri: str) -> str:
+    """Why containers could not share this study storage and tracking URI, or ""."""
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return (
+            f"the trials log to {tracking_uri}, which a container cannot reach; "
+            "start a tracking server (`make server`) and export "
+            "MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
+        )
+    if "://" in storage:
+        return (
+            ""
+            if urlsplit(storage).scheme.startswith(("postgresql", "mysql"))
+            else (
+                f"the study storage {storage} is not shared with the containers; "
+                "use a postgresql:// URL or a journal file under STORAGE_DIR"
+            )
+        )
+    folder = os.path.realpath(storage_dir) if storage_dir else ""
+    if not folder or not os.path.realpath(storage).startswith(folder + os.sep):
+        return (
+            f"the study journal {storage} is not under STORAGE_DIR ({storage_dir or 'unset'}), "
+            "the one folder mounted into the containers; give --storage a path there, or a "
+            "postgresql:// URL"
+        )
+    return ""
+
+
+class DockerWorkers:
+    """engine.tune's launcher for `make tune-docker`: worker N runs in the training image
+    with --gpus device=N (mod the GPUs), the plan's network, user, /storage and code."""
+
+    def __init__(self, plan: Plan, gpus: GpuInfo, gpu_setting: str, image: str,
+                 storage_dir: str):  # fmt: skip
+        self.plan, self.gpus, self.gpu_setting = plan, gpus, gpu_setting
+        self.image, self.storage_dir = image, storage_dir
+
+    def check(self, settings) -> None:
+        from engine.config import UserError
+
+        problem = tune_storage_problem(settings.storage, self.storage_dir, self.plan.tracking_uri)
+        if problem:
+            raise UserError(f"Docker workers: {problem}. No container was started.")
+        user = str(self.plan.docker_args.get("user", ""))
+        if "://" not in settings.storage and os.getuid() == 0 and re.fullmatch(r"\d+:\d+", user):
+            # the containers' user writes the journal and its lock file beside it
+            uid, gid = (int(part) for part in user.split(":"))
+            journal = Path(settings.storage)
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal.touch()
+            for path in (journal.parent, journal):
+                os.chown(path, uid, gid)
+
+    def command(self, worker: int, settings_json: str) -> tuple[list[str], dict[str, str]]:
+        return tune_worker_command(worker, settings_json, self.plan, self.gpus,
+                                   self.gpu_setting, self.image), dict(os.environ)  # fmt: skip
+
+
+def tune_worker_command(worker: int, settings_json: str, plan: Plan, gpus: GpuInfo,
+                        gpu_setting: str, image: str) -> list[str]:  # fmt: skip
+    """`docker run` of one tuning worker: its own GPU, the plan's docker args, the settings."""
+    from engine.tune import SETTINGS_ENV
+
+    docker_args = dict(plan.docker_args) | run_gpu_args(worker, gpus, gpu_setting)
+    return [
+        "docker", "run", "--rm", *docker_run_flags(docker_args),
+        "--env", f"MLFLOW_TRACKING_URI={plan.tracking_uri}",
+        "--env", f"{SETTINGS_ENV}={settings_json}",
+        image, "python", "-m", "engine.tune", "worker", "-", str(worker),
+    ]  # fmt: skip
+
+
+def run_tune(argv: Sequence[str], base_image: str) -> int:
+    """`make tune-docker`: plan, build the image for the code here, run engine.tune with
+    its workers as containers."""
+    from engine import tune
+
+    plan, gpus = host_plan()
+    os.environ["MLFLOW_TRACKING_URI"] = plan.tracking_uri
+    shown = _say(plan, 0, sys.stdout)
+    identity = build_image(PROJECT_DIR, base_image)
+    plan.decide(*code_docker_args(identity))
+    _say(plan, shown, sys.stdout)
+    image = code_image_tag(read_image_tag(), identity["content_hash"])
+    storage_dir = os.environ.get("STORAGE_DIR", DEFAULT_STORAGE_DIR)
+    launcher = DockerWorkers(plan, gpus, os.environ.get("GPUS", "auto"), image, storage_dir)
+    return tune.main(list(argv), launcher=launcher)
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -993,6 +1094,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = commands.add_parser("build", help="build the image for the code in a folder")
     build.add_argument("--project-dir", type=Path, default=PROJECT_DIR)
     build.add_argument("--base-image", default=os.environ.get("BASE_IMAGE", ""))
+    commands.add_parser(
+        "tune", help="python -m engine.tune with each worker a container on its own GPU; "
+        "the tune and train flags that follow are passed on",
+    )  # fmt: skip
     sweep = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
     sweep.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
     sweep.add_argument("--grid", type=Path, help="YAML file of parameter values")
@@ -1007,7 +1112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="try a failed run again up to this many times, resuming it from its checkpoint",
     )  # fmt: skip
     # `plan` takes any `mlflow run` options after it, which argparse would reject.
-    args = parser.parse_args(argv[:1] if argv[:1] == ["plan"] else argv)
+    args = parser.parse_args(argv[:1] if argv[:1] in (["plan"], ["tune"]) else argv)
     base_image = os.environ.get("BASE_IMAGE", "")
 
     plan = None
@@ -1033,6 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(plan, shown, sys.stderr)
             sys.stdout.write(shell_plan(plan))
             return 0
+        if args.command == "tune":
+            return run_tune(["train", *argv[1:]], base_image)
         if args.command == "check":
             host_plan()
             return 0

@@ -16,9 +16,12 @@ imports train.py or lifecycle.py. One module per concern:
     training    run_training(cfg, load_data, define_network)
     cli         main(): flags, errors without tracebacks, signals
     mlproject   the MLproject `main` entry point, written from a Config
+    search_space  tune.yaml and --param: the parameters a study searches, checked
+    tune        `make tune`: an Optuna study, its MLflow parent run, the best model
+    tune_workers  the worker loop (ask, train, tell) and the pruning callback
 
 Importing `engine` (or any module of it) sets nothing: no environment variable,
-no log level, no signal handler. Those happen in cli.main().
+no log level, no signal handler. Those happen in cli.main() and tune.main().
 """
 
 from engine.config import RunConfig, UserError, knob

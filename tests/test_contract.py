@@ -262,6 +262,7 @@ def test_importing_train_lifecycle_and_the_engine_changes_nothing():
 import os, signal, sys
 before = dict(os.environ)
 import engine, engine.cli, engine.training, engine.sources, engine.tracking
+import engine.tune, engine.tune_workers
 import train, lifecycle
 changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
 assert not changed, changed
