@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import mlflow
 import pytest
@@ -34,6 +36,24 @@ def tiny_config(**overrides) -> train.Config:
 def train_and_log(cfg: train.Config) -> TrainResult:
     """One whole run of train.py's Config, load_data and define_network, as main() does."""
     return run_training(cfg, train.load_data, train.define_network)
+
+
+@contextlib.contextmanager
+def module_store(uri: str):
+    """MLFLOW_TRACKING_URI set to uri (and no MLFLOW_RUN_ID) for a module-scoped fixture,
+    which monkeypatch cannot serve; the environment is put back afterwards."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from engine.config import UserError
 from engine.serving import load_network
 from engine.sources import make_demo_data
 from engine.tracking import export_tf_serving
-from tests.conftest import tiny_config, train_and_log
+from tests.conftest import module_store, tiny_config, train_and_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,22 +124,13 @@ def test_cli_errors_are_one_line_and_exit_2(tracking_store, capsys):
 def registry(tmp_path_factory):
     """Two registered versions of a tiny model in a fresh local store, and its data."""
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    mlflow.set_tracking_uri(uri)
     data_dir = root / "demo"
-    versions = []
-    for epochs in (1, 2):
-        cfg = tiny_config(data_dir=str(data_dir), epochs=epochs, registered_model_name="cells")
-        versions.append(train_and_log(cfg).model_version)
-    yield {"uri": uri, "data_dir": data_dir, "versions": versions, "root": root}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with module_store(f"sqlite:///{root / 'mlflow.db'}") as uri:
+        versions = []
+        for epochs in (1, 2):
+            cfg = tiny_config(data_dir=str(data_dir), epochs=epochs, registered_model_name="cells")
+            versions.append(train_and_log(cfg).model_version)
+        yield {"uri": uri, "data_dir": data_dir, "versions": versions, "root": root}
 
 
 def _data_cfg(registry) -> train.Config:

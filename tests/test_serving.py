@@ -30,7 +30,7 @@ import lifecycle
 from engine import serving
 from engine.images import decode_image
 from engine.sources import make_demo_data
-from tests.conftest import tiny_config, train_and_log
+from tests.conftest import module_store, tiny_config, train_and_log
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,19 +104,10 @@ def test_a_model_logged_before_image_input_answers_the_same_way(tracking_store, 
 def registry(tmp_path_factory):
     """One registered version (`cells` 1) of a tiny model in a fresh local store."""
     root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    mlflow.set_tracking_uri(uri)
-    cfg = tiny_config(data_dir=str(root / "demo"), registered_model_name="cells")
-    assert train_and_log(cfg).model_version == "1"
-    yield {"uri": uri, "root": root}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with module_store(f"sqlite:///{root / 'mlflow.db'}") as uri:
+        cfg = tiny_config(data_dir=str(root / "demo"), registered_model_name="cells")
+        assert train_and_log(cfg).model_version == "1"
+        yield {"uri": uri, "root": root}
 
 
 @pytest.fixture(scope="module")
