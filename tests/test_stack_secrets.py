@@ -109,8 +109,11 @@ def make(project: Path, target: str) -> subprocess.CompletedProcess:
     docker = shim / "docker"
     docker.write_text('#!/bin/sh\necho "$@" >> "$DOCKER_CALLS"\n')
     docker.chmod(0o755)
+    # a make of its own, not a sub-make of `make test` (MAKELEVEL would make it print
+    # "make[1]: ***" and pass on the outer make's flags)
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in outer},
         "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}",
         "DOCKER_CALLS": str(project.parent / "docker-calls.txt"),
     }
