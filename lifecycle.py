@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:5001", help="the served model")
     p.add_argument("--print-json", action="store_true",
                    help="print the request body instead of sending it (for curl)")  # fmt: skip
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP)")
 
     p = commands.add_parser("export", help="write a TF Serving SavedModel",
                             formatter_class=defaults)  # fmt: skip

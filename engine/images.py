@@ -22,7 +22,7 @@ from engine.config import RunConfig, UserError
 # decode_image and resize_image stay importable from here, where forks found them
 from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass

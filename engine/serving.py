@@ -2,7 +2,7 @@
 
 What `models:/NAME@ALIAS` loads and `mlflow models serve` serves is an MLflow pyfunc
 model, `ImageClassifier`. It takes a column `image` of base64-encoded image files
-(PNG, JPEG, BMP or GIF, any size, gray, RGB or RGBA), decodes and resizes them with
+(PNG, JPEG, BMP, GIF or WebP, any size, gray, RGB or RGBA), decodes and resizes them with
 training's own `engine.images.decode_image` (this package travels with the model as
 its code), runs the Keras network, and answers one row per image:
 
@@ -144,7 +144,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             images, failures = decode_files(list(paths.values()), self.image_size, self.channels)
         rows_of = list(paths)
         for j, why in failures.items():
-            errors[rows_of[j]] = f"not a readable image file (PNG, JPEG, BMP or GIF): {why}"
+            errors[rows_of[j]] = f"not a readable image file (PNG, JPEG, BMP, GIF or WebP): {why}"
         decoded = [j for j in range(len(rows_of)) if j not in failures]
         for start in range(0, len(decoded), self.batch_size):
             chunk = decoded[start : start + self.batch_size]
@@ -219,7 +219,7 @@ def log_classifier(
         "image_size": image_size,
         "channels": channels,
         "output_units": int(network.output_shape[-1]),
-        "input": f"column '{IMAGE_COLUMN}': base64-encoded PNG/JPEG/BMP/GIF files",
+        "input": f"column '{IMAGE_COLUMN}': base64-encoded PNG/JPEG/BMP/GIF/WebP files",
     }
     engine_dir = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,7 @@ def image_files(folder: Path) -> list[str]:
 
 
 def load_imagedir(folder: str, cfg: RunConfig) -> Pipelines:
-    """One sub-folder per class, images of any size, PNG/JPEG/BMP/GIF, gray or RGB."""
+    """One sub-folder per class, images of any size, PNG/JPEG/BMP/GIF/WebP, gray or RGB."""
     root = require_path(folder, "a folder with one sub-folder of images per class")
     if not root.is_dir():
         raise UserError(f"{root} is a file; imagedir needs a folder of class sub-folders")

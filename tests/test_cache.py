@@ -107,6 +107,7 @@ def write_odd_images(folder: Path) -> list[str]:
     Image.fromarray(rgb).save(folder / "plain.png")
     Image.fromarray((rng.integers(0, 65535, (24, 24))).astype(np.uint16)).save(folder / "deep.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).save(folder / "photo.webp")
     palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     palette.info["transparency"] = 0
     palette.save(folder / "palette.png", transparency=0)
