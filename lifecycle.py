@@ -290,8 +290,9 @@ def evaluate(ref: ModelRef, data_cfg: train.Config, split: str, data_cache: dict
             images.append(x.astype(np.uint8))  # whole pixel values: a quarter of float32's memory
             labels.append(y)
         data_cache[key] = (np.concatenate(images), np.concatenate(labels), info.class_names)
-    images, labels, class_names = data_cache[key]
-    _require_same_classes(ref, spec, class_names)
+    else:  # the data another version was scored on: the same classes?
+        _require_same_classes(ref, spec, data_cache[key][2])
+    images, labels, _ = data_cache[key]
     import tensorflow as tf
 
     batches = tf.data.Dataset.from_tensor_slices(images).batch(data_cfg.batch_size)

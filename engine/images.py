@@ -177,15 +177,6 @@ def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
     return names.tolist()
 
 
-def finish(ds: tf.data.Dataset, cfg: RunConfig, training: bool, count: int) -> tf.data.Dataset:
-    """Unbatched (uint8 image, label) pairs -> cached in memory, shuffled, batched, prefetched."""
-    if cfg.cache:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(min(max(count, 1), 10_000), seed=cfg.seed, reshuffle_each_iteration=True)
-    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 def memory_pipeline(
     images: np.ndarray, labels: np.ndarray, cfg: RunConfig, training: bool
 ) -> tf.data.Dataset:

@@ -257,9 +257,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_dead_trials(study) -> int:
-    """Mark trials left RUNNING by a dead worker FAILED (their MLflow runs too) and queue
-    each again with its parameters; returns how many."""
+def recover_dead_trials(study, requeue: bool = True) -> int:
+    """Mark trials left RUNNING by a dead worker FAILED (their MLflow runs too) and, with
+    requeue, queue each again with its parameters; returns how many."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -277,10 +277,11 @@ def recover_dead_trials(study) -> int:
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "tune.failed", "worker died; trial queued again")
             client.set_terminated(run_id, "FAILED")
-        if trial.params:
+        if requeue and trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        print(f"trial {trial.number} was left running by a dead worker: marked FAILED"
-              + (f" (run {run_id})" if run_id else "") + ", queued again")  # fmt: skip
+        print(f"trial {trial.number} was left running by a stopped worker: marked FAILED"
+              + (f" (run {run_id})" if run_id else "")
+              + (", queued again" if requeue else ""))  # fmt: skip
         count += 1
     return count
 
@@ -498,6 +499,9 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
     except (KeyboardInterrupt, SystemExit) as stop:
         import mlflow
 
+        # the workers are gone now: a trial one could not close (stopped mid-call, or
+        # killed after a minute) is failed here, as its worker would have, not left RUNNING
+        recover_dead_trials(study, requeue=False)
         mlflow.MlflowClient().set_terminated(settings.parent_run_id, "KILLED")
         print(f"\nstopped; the running trials are marked FAILED. Continue the study with "
               f"--study-name {settings.study_name}"
