@@ -14,6 +14,8 @@ imports train.py or lifecycle.py. One module per concern:
     tracking    where runs go, per-epoch metrics, logging and registering the model
     serving     the registered model: base64 image files in, class names out
     training    run_training(cfg, load_data, define_network)
+    checkpoints the best epoch, per-epoch checkpoints and resuming a run
+    provenance  which code a folder or image holds; stops a run on the wrong code
     cli         main(): flags, errors without tracebacks, signals
     mlproject   the MLproject `main` entry point, written from a Config
     search_space  tune.yaml and --param: the parameters a study searches, checked
