@@ -192,15 +192,15 @@ def memory_pipeline(
     return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def decode_cached(paths: list[str], cfg: RunConfig) -> image_cache.Decoded:
-    """Image files -> decoded images, read from the shared cache or decoded and stored."""
+def decode_cached(paths: list[str], keys: list[str], cfg: RunConfig) -> image_cache.Decoded:
+    """Image files and their cache keys (image_cache.file_key) -> decoded images, read
+    from the shared cache or decoded and stored."""
     shape = image_shape(cfg)
 
     def decode(indices: list[int]) -> image_cache.Decoded:
         images, failures = decode_files([paths[i] for i in indices], shape[0], shape[2])
         return image_cache.Decoded(images, -np.ones(len(indices), np.int64), failures)
 
-    keys = [image_cache.file_key(p) for p in paths]
     return image_cache.load_images(keys, decode, cfg.cache, cfg.cache_dir, shape)
 
 
@@ -221,7 +221,8 @@ def files_pipeline(
     otherwise train, val and test are drawn by cfg.val_split and cfg.test_split.
     The test split is info.test_ds.
     """
-    decoded = decode_cached(paths, cfg)
+    keys = [image_cache.file_key(p) for p in paths]  # path, size, mtime: stat once
+    decoded = decode_cached(paths, keys, cfg)
     skipped = [paths[i] for i in sorted(decoded.failures)]
     if skipped:
         report_skipped(skipped, reasons={paths[i]: why for i, why in decoded.failures.items()})
@@ -238,7 +239,10 @@ def files_pipeline(
     kept_paths = [paths[i] for i in readable]
     table = {"path": kept_paths, "label": [class_names[i] for i in labels_arr],
              "split": _split_names(len(kept_paths), parts)}  # fmt: skip
-    lineage = {"name": source or "images", "source": os.path.commonpath(paths), "table": table}
+    # the digest covers each file's key, so an edited image changes it
+    rows = zip([keys[i] for i in readable], table["label"], table["split"], strict=True)
+    lineage = {"name": source or "images", "source": os.path.commonpath(paths), "table": table,
+               "digest": text_digest("\t".join(row) + "\n" for row in rows)}  # fmt: skip
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
 
 
@@ -278,6 +282,16 @@ def arrays_pipeline(
 
     lineage = {"name": source or "arrays", "source": "", "digest": array_digest(images, labels)}
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage)
+
+
+def text_digest(lines) -> str:
+    """A short content hash of lines of text."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+    return digest.hexdigest()[:16]
 
 
 def array_digest(*arrays: np.ndarray) -> str:

@@ -30,6 +30,7 @@ from engine.images import (
     image_shape,
     label_index,
     memory_pipeline,
+    text_digest,
 )
 
 Pipelines = tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]
@@ -343,7 +344,7 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
         for split, part in zip(("train", "val", "test"), parts)  # noqa: B905
     }
     lineage = {"name": f"tfds:{name}:{version}", "source": str(builder.data_dir),
-               "digest": hash_text(f"{name}:{version}:{'|'.join(split_names)}")}  # fmt: skip
+               "digest": text_digest([f"{name}:{version}:{'|'.join(split_names)}"])}  # fmt: skip
     has_test = len(parts) == 3 and counts[2] > 0
     info = DataInfo(
         shape, class_names, counts[0], counts[1], [], f"tfds:{name}",
@@ -351,12 +352,6 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
         test_ds=pipelines[2] if has_test else None, lineage=lineage,
     )  # fmt: skip
     return pipelines[0], pipelines[1], info
-
-
-def hash_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def tfds_splits(available: set[str], cfg: RunConfig) -> list[str]:
