@@ -65,7 +65,8 @@ def default_cache_dir() -> Path:
 
 def file_key(path: str) -> str:
     """An image file's cache key: absolute path, size and modification time (ns)."""
-    path = os.path.abspath(path)
+    if not path.startswith("/") or "/." in path or "//" in path:
+        path = os.path.abspath(path)  # (most paths are absolute and normal already)
     try:
         stat = os.stat(path)
     except OSError:

@@ -178,16 +178,27 @@ def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
 
 
 def memory_pipeline(
-    images: np.ndarray, labels: np.ndarray, cfg: RunConfig, training: bool
+    images, labels, cfg: RunConfig, training: bool, indices: np.ndarray | None = None
 ) -> tf.data.Dataset:
     """Decoded uint8 images in memory and their labels -> batched, prefetched pipeline.
+
+    Args:
+        images: (N, H, W, C) uint8, a numpy array or a tf.Tensor; the pipelines of
+            several splits can share one tensor of the whole set.
+        labels: (N,) class indices.
+        indices: the examples of this pipeline (default: all N). Gathered in one op
+            from the tensor: cheaper than a numpy copy that is then made a tensor.
 
     The images are in memory already, so nothing is cached again; the training one
     is reshuffled every epoch.
     """
-    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
+    images = tf.convert_to_tensor(images)
+    labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
+    if indices is not None:
+        images, labels = tf.gather(images, indices), tf.gather(labels, indices)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if training:
-        buffer = min(max(len(images), 1), 10_000)
+        buffer = min(max(int(labels.shape[0]), 1), 10_000)
         ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
     return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -232,16 +243,22 @@ def files_pipeline(
     kept_splits = None if splits is None else [splits[i] for i in readable]
     parts = split_indices(labels_arr, cfg, kept_splits)
 
+    # one tensor of all decoded images; each split's batches gather from it
+    images = tf.convert_to_tensor(decoded.images)
+    all_labels = np.zeros(len(paths), np.int32)
+    all_labels[readable] = labels_arr
+
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        # one copy out of the decoded images: the readable ones of this split
-        return memory_pipeline(decoded.images[readable[idx]], labels_arr[idx], cfg, training)
+        return memory_pipeline(images, all_labels, cfg, training, readable[idx])
 
     kept_paths = [paths[i] for i in readable]
     table = {"path": kept_paths, "label": [class_names[i] for i in labels_arr],
              "split": _split_names(len(kept_paths), parts)}  # fmt: skip
     # the digest covers each file's key, so an edited image changes it
     rows = zip([keys[i] for i in readable], table["label"], table["split"], strict=True)
-    lineage = {"name": source or "images", "source": os.path.commonpath(paths), "table": table,
+    # the common folder of the lexically first and last paths is every path's
+    folder = os.path.commonpath([min(kept_paths), max(kept_paths)])
+    lineage = {"name": source or "images", "source": folder, "table": table,
                "digest": text_digest("\t".join(row) + "\n" for row in rows)}  # fmt: skip
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
 
@@ -274,11 +291,13 @@ def arrays_pipeline(
     require_classes(labels_arr, class_names)
     parts = split_indices(labels_arr, cfg, splits)
     used = np.concatenate(parts)  # resize only what the caps keep
-    resized = np.empty((len(labels_arr), *image_shape(cfg)), np.uint8)
-    resized[used] = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
+    resized = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
+    resized = tf.convert_to_tensor(resized)
+    row = np.zeros(len(labels_arr), np.int64)  # example index -> its row in resized
+    row[used] = np.arange(len(used))
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        return memory_pipeline(resized[idx], labels_arr[idx], cfg, training)
+        return memory_pipeline(resized, labels_arr[used], cfg, training, row[idx])
 
     lineage = {"name": source or "arrays", "source": "", "digest": array_digest(images, labels)}
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage)

@@ -54,11 +54,23 @@ class TrainResult:
     test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # test_* once
 
 
+def gpu_devices() -> list[str]:
+    """The names of the GPUs TensorFlow sees, e.g. ["/device:GPU:0"]."""
+    return [device.name for device in tf.config.list_logical_devices("GPU")]
+
+
 def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
-    gpus = tf.config.list_physical_devices("GPU")
+    """MirroredStrategy over all GPUs when there are several, OneDeviceStrategy on one.
+
+    Both copy the next batches to the GPU(s) while the current one trains: the
+    prefetch to the device that keeps a GPU fed (under the default strategy each batch
+    is copied only when its step asks for it). Without a GPU, the default strategy.
+    """
+    gpus = gpu_devices()
     if cfg.distribute and len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
+    if gpus:
+        return tf.distribute.OneDeviceStrategy(gpus[0])
     return tf.distribute.get_strategy()
 
 
@@ -312,6 +324,7 @@ def run_training(
             **{f"class_counts.{split}": describe_counts(counts, info.class_names)
                for split, counts in info.class_counts.items()},
             "skipped_files": len(info.skipped_files), "replicas": replicas,
+            "distribute_strategy": type(strategy).__name__,
             "global_batch_size": global_cfg.batch_size, "dtype_policy": policy,
             "output_units": head.units,
         })  # fmt: skip

@@ -14,9 +14,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
+from engine import training
 from engine.checkpoints import STATE_FILE
 from engine.config import UserError
 from engine.evaluation import classification_metrics
@@ -59,8 +61,15 @@ def test_precision_is_float32_on_the_cpu(capsys):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_strategy_is_default_without_several_gpus():
-    assert choose_strategy(tiny_config(distribute=True)).num_replicas_in_sync == 1
+def test_strategy_prefetches_to_the_one_gpu(monkeypatch):
+    assert choose_strategy(tiny_config()) is tf.distribute.get_strategy()  # no GPU here
+    # with one GPU (the CPU stands in for it), or several and --distribute false:
+    # OneDeviceStrategy, whose input pipeline copies batches onto the device ahead
+    for devices, distribute in ((["/cpu:0"], True), (["/cpu:0", "/cpu:1"], False)):
+        monkeypatch.setattr(training, "gpu_devices", lambda devices=devices: devices)
+        strategy = choose_strategy(tiny_config(distribute=distribute))
+        assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+        assert strategy.extended.worker_devices[0].endswith("CPU:0")
 
 
 @pytest.mark.parametrize(
@@ -136,6 +145,8 @@ def test_early_stopping_ends_the_run_after_patience_epochs(tracking_store, tmp_p
 @pytest.mark.slow
 def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    # the one-GPU path, OneDeviceStrategy, with the CPU standing in for the GPU
+    monkeypatch.setattr(training, "gpu_devices", lambda: ["/cpu:0"])
     result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"), epochs=3))
     client = MlflowClient()
     for name in ("epoch_seconds", "images_per_second"):
@@ -146,6 +157,7 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
     assert "best_epoch" in metrics and "final_val_auc" in metrics
     params = client.get_run(result.run_id).data.params
     assert params["dtype_policy"] == "float32"
+    assert params["distribute_strategy"] == "OneDeviceStrategy"
     # the test split: scored once, at the end, with its own plots
     assert (params["train_count"], params["val_count"], params["test_count"]) == ("34", "10", "4")
     assert params["class_counts.test"] == "parasitized=2, uninfected=2"
