@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of each is kept")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
@@ -182,8 +183,11 @@ def main() -> int:
         seconds = min(_seconds(lambda: decode_files(share, 128, 3)) for _ in range(args.repeats))
         per_core = len(share) / seconds / cores
 
+    # Other work on the cores slows the parallel rows more than the one-thread baseline:
+    # read the ratios of a run on a busy machine as low.
     print(f"\n{info.train_count} training images, {args.source_size}px PNG -> "
-          f"{args.image_size}px, batch {args.batch_size}, {cores} cores\n")  # fmt: skip
+          f"{args.image_size}px, batch {args.batch_size}, {cores} cores, load average "
+          f"{load_before:.1f} before the bench and {os.getloadavg()[0]:.1f} after\n")  # fmt: skip
     print("| source | cold first epoch (img/s) | vs baseline | warm first epoch (img/s) "
           "| vs baseline | cached epoch (img/s) | vs baseline |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
