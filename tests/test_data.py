@@ -153,6 +153,23 @@ def test_dataframe_table(mixed_dir, tmp_path, fmt):
     check_pipeline(train_ds, cfg, {0, 1, 2})
 
 
+def test_dataframe_paths_relative_to_a_sub_folder_and_absolute(mixed_dir, tmp_path):
+    # "../mixed/ant/0.png" from tables/, an absolute path, and "./" all name real files,
+    # once each, normalised (the cache key and the logged table use these paths)
+    files = sorted(mixed_dir.rglob("*.*"))
+    (tmp_path / "tables").mkdir()
+    table = tmp_path / "tables" / "query.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for i, p in enumerate(files):
+            shown = [f"../{p.relative_to(tmp_path)}", str(p), f"./../{p.relative_to(tmp_path)}"]
+            writer.writerow([shown[i % 3], p.parent.name])
+    _, _, info = train.load_data(tiny_config(data_source="dataframe", data_dir=str(table)))
+    logged = info.lineage["table"]["path"]
+    assert sorted(logged) == sorted(map(str, files))
+
+
 def test_dataframe_numeric_labels_sort_as_numbers(tmp_path):
     rows = []
     for label in (2, 10):
