@@ -32,7 +32,13 @@ def main(
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     # SIGTERM (docker stop, kill, a job scheduler) unwinds like an exception, so
     # `with mlflow.start_run()` marks the run FAILED instead of leaving it RUNNING.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signals: list[int] = []
+
+    def stop(signum, frame):
+        signals.append(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     from engine.training import run_training
 
     started = time.time()
@@ -41,6 +47,13 @@ def main(
     except (UserError, provenance.ProvenanceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        # A SystemExit raised while TensorFlow's C++ was calling back into Python can
+        # come out as another exception; the run is FAILED either way: exit as signalled.
+        if signals:
+            print(f"stopped by signal {signals[0]}", file=sys.stderr)
+            return 128 + signals[0]
+        raise
     print(f"\ndone in {time.time() - started:.0f} s")
     print(f"run_id: {result.run_id}")
     if result.model_version:

@@ -240,7 +240,7 @@ def test_sigterm_leaves_a_failed_run_that_says_how_to_resume(tracking_store, tmp
     run_id = _wait_for_epoch(process, tmp_path / "ckpt", epoch=0)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert f"resume it with:\n  python train.py --resume-run-id {run_id}" in output
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
