@@ -243,7 +243,7 @@ def files_pipeline(
     kept_splits = None if splits is None else [splits[i] for i in readable]
     parts = split_indices(labels_arr, cfg, kept_splits)
 
-    # one tensor of all decoded images; each split's batches gather from it
+    # one tensor of all decoded images; each split is gathered from it once
     images = tf.convert_to_tensor(decoded.images)
     all_labels = np.zeros(len(paths), np.int32)
     all_labels[readable] = labels_arr
