@@ -43,6 +43,7 @@ import numpy as np
 
 import train
 from engine import evaluation, serving, tracking
+from engine.common import IMAGE_EXTENSIONS, image_files
 from engine.config import UserError, add_config_flags, config_from, parse_bool
 from engine.network import class_probabilities
 
@@ -200,19 +201,13 @@ def collect_paths(inputs: list[str], path_column: str = "path") -> list[str]:
         UserError: an input does not exist, a table lacks the path column, or no
             image is found at all.
     """
-    from engine.images import IMAGE_EXTENSIONS
-
     paths: list[str] = []
     for text in inputs:
         item = Path(text).expanduser()
         if not item.exists():
             raise UserError(f"input {item} does not exist")
         if item.is_dir():
-            found = sorted(
-                str(p.resolve())
-                for p in item.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            found = [os.path.abspath(path) for path in image_files(item)]
             if not found:
                 raise UserError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found

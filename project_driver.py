@@ -52,13 +52,14 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import yaml
 
 from engine import provenance
+from engine.common import CHECKPOINT_STATE, PROJECT_DIR, check_tracking_uri, local_path
+from engine.config import UserError
 
-PROJECT_DIR = Path(__file__).resolve().parent
 # The uid of the `trainer` user that Dockerfile creates (its USER_UID build arg).
 IMAGE_UID = 1000
 DEFAULT_STORAGE_DIR = "/storage"
@@ -66,15 +67,6 @@ DEFAULT_STORAGE_DIR = "/storage"
 DEFAULT_BRIDGE_GATEWAY = "172.17.0.1"
 # Seconds to wait for the tracking server before giving up (fail fast, not after 255 s).
 SERVER_TIMEOUT = 5.0
-
-
-class DriverError(Exception):
-    """A problem the user can fix; main() prints the message and exits with status 2."""
-
-
-# ----------------------------------------------------------------------------
-# Facts about the project and the host
-# ----------------------------------------------------------------------------
 
 
 def read_image_tag(mlproject: Path = PROJECT_DIR / "MLproject") -> str:
@@ -90,7 +82,7 @@ def read_image_tag(mlproject: Path = PROJECT_DIR / "MLproject") -> str:
     try:
         return str(spec["docker_env"]["image"])
     except (KeyError, TypeError):
-        raise DriverError(f"{mlproject} has no docker_env: image: ... entry") from None
+        raise UserError(f"{mlproject} has no docker_env: image: ... entry") from None
 
 
 @dataclass
@@ -136,28 +128,9 @@ def bridge_gateway() -> str:
 
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT) -> None:
-    """Fail within `timeout` seconds when an http(s) tracking server does not answer.
-
-    Any HTTP answer counts (an auth proxy may say 401): only no answer at all fails.
-    train.py checks again inside the container; this check runs before any build or
-    container, and without importing train (and so TensorFlow) into the driver.
-
-    Raises:
-        DriverError: with the fix in the message.
-    """
-    if urlsplit(uri).scheme not in ("http", "https"):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise DriverError(
-            f"the MLflow tracking server at {uri} is unreachable ({reason}). Start one "
-            "(`make server`, or `mlflow server --host 127.0.0.1 --port 5000`) or point "
-            "MLFLOW_TRACKING_URI at a server that runs. No container was started."
-        ) from None
+    """Fail within `timeout` seconds when the tracking server does not answer, before any
+    build or container (train.py checks again inside the container)."""
+    check_tracking_uri(uri, timeout, outcome="No container was started.")
 
 
 # ----------------------------------------------------------------------------
@@ -220,7 +193,7 @@ def container_tracking(uri: str, network: str, gateway: str) -> tuple[str, dict[
         (tracking URI for the host and the container, docker args, one line saying what).
     """
     if network not in ("auto", "host", "bridge"):
-        raise DriverError(f"DOCKER_NETWORK={network!r}: use auto, host or bridge")
+        raise UserError(f"DOCKER_NETWORK={network!r}: use auto, host or bridge")
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return uri, {}, f"tracking: {uri} (not a server: MLflow mounts it into the container)"
@@ -309,11 +282,11 @@ def make_plan(
         user_docker_args_given: -A names the user passed; the driver leaves those alone.
 
     Returns:
-        The plan. Raises DriverError when MLFLOW_TRACKING_URI is not set.
+        The plan. Raises UserError when MLFLOW_TRACKING_URI is not set.
     """
     uri = environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        raise DriverError(
+        raise UserError(
             "MLFLOW_TRACKING_URI is not set. The container logs to a tracking server: "
             "start one (`make server` serves http://127.0.0.1:5000) and "
             "`export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`."
@@ -427,7 +400,7 @@ def build_image(project_dir: Path = PROJECT_DIR, base_image: str = "", out=None)
         The code's identity (engine.provenance.code_identity) and "line", what was built.
 
     Raises:
-        DriverError: the build failed (nothing runs on a stale image).
+        UserError: the build failed (nothing runs on a stale image).
     """
     image_tag = read_image_tag(project_dir / "MLproject")
     identity = provenance.code_identity(project_dir)
@@ -439,7 +412,7 @@ def build_image(project_dir: Path = PROJECT_DIR, base_image: str = "", out=None)
         stderr=subprocess.STDOUT,
     )
     if done.returncode != 0:
-        raise DriverError(
+        raise UserError(
             f"docker build failed (exit {done.returncode}), so nothing was run. The files "
             f"hashed here: {' '.join(identity['files'])}"
         )
@@ -476,7 +449,7 @@ def split_version_args(args: Sequence[str]) -> tuple[str, str, list[str]]:
             if not equals:
                 value = next(items, "")
             if not value:
-                raise DriverError(f"{name} needs a value")
+                raise UserError(f"{name} needs a value")
             if name == "--git-url":
                 url = value
             else:
@@ -503,7 +476,7 @@ def checkout_version(url: str, version: str, destination: Path) -> str:
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
-            raise DriverError(f"{' '.join(step)} failed: {done.stderr.strip()}")
+            raise UserError(f"{' '.join(step)} failed: {done.stderr.strip()}")
     return done.stdout.strip()
 
 
@@ -513,14 +486,8 @@ def checkout_version(url: str, version: str, destination: Path) -> str:
 
 
 def local_folder(artifact_location: str, base: Path = PROJECT_DIR) -> Path | None:
-    """The host folder of a file:// or plain-path artifact location; None for a store that
-    the container reaches over the network (mlflow-artifacts:, s3:, ...)."""
-    parts = urlsplit(artifact_location)
-    if parts.scheme == "file":
-        return Path(unquote(parts.path))
-    if parts.scheme == "" and artifact_location:
-        return base / artifact_location
-    return None
+    """The host folder of a local artifact location; None for a remote store."""
+    return local_path(artifact_location, base)
 
 
 def artifact_docker_args(
@@ -550,7 +517,7 @@ def parse_run_options(project_uri: str, args: Sequence[str]) -> dict:
     try:
         options = run_command.make_context("mlflow run", [project_uri, *args]).params
     except click.ClickException as error:
-        raise DriverError(f"mlflow run {' '.join(args)}: {error.format_message()}") from None
+        raise UserError(f"mlflow run {' '.join(args)}: {error.format_message()}") from None
     options["parameters"] = dict(item.split("=", 1) for item in options["param_list"])
     return options
 
@@ -702,10 +669,6 @@ def first_run_options(plan: Plan, project_dir: Path, args: Sequence[str]) -> dic
             "tracking_uri": plan.tracking_uri}  # fmt: skip
 
 
-# engine/checkpoints.py's STATE_FILE (not imported: the driver does not load TensorFlow)
-CHECKPOINT_STATE = "state.json"
-
-
 def resumable_checkpoint(run_id: str) -> Path | None:
     """A failed run's checkpoint folder when it is on this host, else None.
 
@@ -747,16 +710,16 @@ def parse_param_values(items: Sequence[str]) -> dict[str, list[str]]:
     """-P name=v1,v2 items to {name: [v1, v2]} (a YAML grid file takes values with commas).
 
     Raises:
-        DriverError: for an item without "=" or with an empty value list.
+        UserError: for an item without "=" or with an empty value list.
     """
     grid: dict[str, list[str]] = {}
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not name.strip():
-            raise DriverError(f"-P {item!r}: write -P name=value or -P name=v1,v2,...")
+            raise UserError(f"-P {item!r}: write -P name=value or -P name=v1,v2,...")
         split = [value.strip() for value in values.split(",")]
         if not all(split):
-            raise DriverError(f"-P {item!r}: a value list must not have empty entries")
+            raise UserError(f"-P {item!r}: a value list must not have empty entries")
         grid[name.strip()] = split
     return grid
 
@@ -774,12 +737,12 @@ def load_grid_file(path: Path) -> dict[str, list[str]]:
     if isinstance(spec, dict) and set(spec) == {"parameters"}:
         spec = spec["parameters"]
     if not isinstance(spec, dict):
-        raise DriverError(f"{path}: expected a mapping of parameter names to values or lists")
+        raise UserError(f"{path}: expected a mapping of parameter names to values or lists")
     grid = {}
     for name, values in spec.items():
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise DriverError(f"{path}: {name} has an empty list of values")
+            raise UserError(f"{path}: {name} has an empty list of values")
         grid[str(name)] = [_yaml_scalar(value) for value in values]
     return grid
 
@@ -805,7 +768,7 @@ def check_param_names(points: Sequence[Mapping[str, str]], known: Sequence[str])
     """Fail before launching anything when a parameter is not in MLproject's main."""
     unknown = sorted({name for point in points for name in point} - set(known))
     if unknown:
-        raise DriverError(
+        raise UserError(
             f"unknown parameter(s) {', '.join(unknown)}; MLproject's main entry point "
             f"takes: {', '.join(known)}"
         )
@@ -1046,9 +1009,9 @@ def host_plan(mlflow_run_args: Sequence[str] = ()) -> tuple[Plan, GpuInfo]:
     )
     try:
         check_server(plan.tracking_uri)
-    except DriverError as error:
+    except UserError as error:
         if plan.tracking_uri != environ.get("MLFLOW_TRACKING_URI"):
-            raise DriverError(
+            raise UserError(
                 f"{error} With DOCKER_NETWORK=bridge the server must listen on the bridge "
                 "gateway (mlflow server --host 0.0.0.0); a server on 127.0.0.1 only needs "
                 "DOCKER_NETWORK=auto (host network)."
@@ -1151,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid = load_grid_file(args.grid) if args.grid else {}
         grid.update(parse_param_values(args.param))
         if not grid:
-            raise DriverError("nothing to sweep: give -P name=v1,v2 or --grid FILE")
+            raise UserError("nothing to sweep: give -P name=v1,v2 or --grid FILE")
         points = expand_grid(grid)
         spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())
         check_param_names(points, list(spec["entry_points"]["main"]["parameters"]))
@@ -1180,7 +1143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_run=first_run,
             retries=args.retries,
         )
-    except DriverError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         if plan is not None and plan.cleanup:
             shutil.rmtree(plan.cleanup, ignore_errors=True)

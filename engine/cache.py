@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.common import storage_folder
 from engine.config import UserError
 from engine.decoding import DECODER_VERSION
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 SHARD_IMAGES = 8192  # images per shard at most: a changed file rewrites no more than one
 
 
@@ -57,10 +57,7 @@ Decode = Callable[[list[int]], Decoded]  # indices of the keys to decode -> thei
 
 def default_cache_dir() -> Path:
     """/storage/cache when /storage is writable (shared by containers), else the project's."""
-    storage = Path("/storage")
-    if storage.is_dir() and os.access(storage, os.W_OK):
-        return storage / "cache"
-    return PROJECT_DIR / ".cache" / "images"
+    return storage_folder("cache", ".cache/images")
 
 
 def file_key(path: str) -> str:

@@ -22,10 +22,10 @@ from typing import Any
 
 import keras
 
+from engine.common import CHECKPOINT_STATE, storage_folder
 from engine.config import MONITORS, UserError
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-STATE_FILE = "state.json"
+STATE_FILE = CHECKPOINT_STATE
 LATEST_WEIGHTS = "latest.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 
@@ -34,10 +34,7 @@ def checkpoint_root(configured: str) -> Path:
     """The folder that holds one checkpoint sub-folder per run."""
     if configured:
         return Path(configured).expanduser()
-    storage = Path("/storage")
-    if storage.is_dir() and os.access(storage, os.W_OK):
-        return storage / "checkpoints"
-    return PROJECT_DIR / "checkpoints"
+    return storage_folder("checkpoints", "checkpoints")
 
 
 @dataclass

@@ -8,7 +8,6 @@ import sys
 import time
 import warnings
 
-from engine import provenance
 from engine.config import UserError, parse_config
 
 
@@ -44,7 +43,7 @@ def main(
     started = time.time()
     try:
         result = run_training(cfg, load_data, define_network)
-    except (UserError, provenance.ProvenanceError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception:

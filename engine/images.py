@@ -17,12 +17,11 @@ import numpy as np
 import tensorflow as tf
 
 from engine import cache as image_cache
+from engine.common import IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from engine.config import RunConfig, UserError
 
 # decode_image and resize_image stay importable from here, where forks found them
 from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass

@@ -11,11 +11,11 @@ holds. This module makes the two meet:
   and as `.code_identity.json`) and in the container, where there is no `.git`: there the
   commit comes from the baked file, and only while the code present still hashes the same.
 - `check_and_tag(run_id, project_dir)` runs at the start of a run: it stops the run
-  (`ProvenanceError`) when the code present is not the code the run is tagged with, or
+  (`UserError`) when the code present is not the code the run is tagged with, or
   when the run's artifacts could not land, and otherwise tags the run with what it
   really runs: `code.commit`, `code.dirty`, `code.content_hash`, `code.image`.
 
-The API is those two and `ProvenanceError`; `mismatch()` is the pure decision, and
+The API is those two and `UserError`; `mismatch()` is the pure decision, and
 `describe()`, `context_files()` and `bake()` serve the driver and the Dockerfile.
 
 Command line (the Dockerfile calls `bake`):
@@ -36,17 +36,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+
+from engine.common import local_path
+from engine.config import UserError
 
 # Written into the code folder of the image by `bake`; never part of the content hash.
 BAKED_FILE = ".code_identity.json"
 # The hash the driver built for, passed into the container (-A env=...), checked when set.
 EXPECTED_HASH_ENV = "CODE_EXPECTED_CONTENT_HASH"
 UNKNOWN = "unknown"
-
-
-class ProvenanceError(Exception):
-    """The run must not go on: the message says what the image holds and how to fix it."""
 
 
 # ----------------------------------------------------------------------------
@@ -303,16 +301,6 @@ def mismatch(
     return None
 
 
-def _local_path(uri: str) -> Path | None:
-    """The folder of a file:// or plain-path artifact URI; None for remote stores."""
-    parts = urlsplit(uri)
-    if parts.scheme == "file":
-        return Path(unquote(parts.path))
-    if parts.scheme == "" and uri:
-        return Path(uri)
-    return None
-
-
 def _artifacts_problem(artifact_uri: str, experiment_location: str) -> str | None:
     """Why a run's artifacts would not land, checked before training; None when they will.
 
@@ -320,10 +308,10 @@ def _artifacts_problem(artifact_uri: str, experiment_location: str) -> str | Non
     but not the experiment folder where MLflow 3 puts logged models (models/), and the
     container's user may not be allowed to write either.
     """
-    run_dir = _local_path(artifact_uri)
+    run_dir = local_path(artifact_uri)
     if run_dir is None or not os.path.ismount(run_dir):
         return None  # a remote store, or not a container that MLflow mounted it into
-    experiment_dir = _local_path(experiment_location)
+    experiment_dir = local_path(experiment_location)
     if experiment_dir is None or not experiment_dir.is_absolute():
         experiment_dir = run_dir.parent.parent
     fix = (
@@ -356,7 +344,7 @@ def check_and_tag(run_id: str, project_dir: str | Path, client=None) -> dict:
         code_identity() of the code present (without "files").
 
     Raises:
-        ProvenanceError: the code present is not the run's commit (a stale image), or the
+        UserError: the code present is not the run's commit (a stale image), or the
             driver's expected code, or the run's artifacts cannot land. The caller lets it
             end the run, which MLflow then marks FAILED.
     """
@@ -377,7 +365,7 @@ def check_and_tag(run_id: str, project_dir: str | Path, client=None) -> dict:
         experiment = client.get_experiment(run.info.experiment_id)
         problem = _artifacts_problem(run.info.artifact_uri, experiment.artifact_location)
     if problem:
-        raise ProvenanceError(problem)
+        raise UserError(problem)
     tags = {
         "code.commit": present["commit"],
         "code.dirty": str(present["dirty"]).lower(),
@@ -403,11 +391,11 @@ def bake(project_dir: Path, commit: str, dirty: bool, content_hash: str, image: 
     """Write the image's identity file, after checking the host hashed the same files.
 
     Raises:
-        ProvenanceError: the image received other files than the host hashed.
+        UserError: the image received other files than the host hashed.
     """
     present = code_identity(project_dir)
     if content_hash and content_hash != present["content_hash"]:
-        raise ProvenanceError(
+        raise UserError(
             f"the build received other code ({present['content_hash'][:12]}) than the host "
             f"hashed ({content_hash[:12]}). Files in the image: {' '.join(present['files'])}. "
             "A builder without BuildKit skips a folder that `*` leaves out unless a "
@@ -445,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.image,
             )  # fmt: skip
             print(f"baked {describe(baked)} into {BAKED_FILE} ({len(baked['files'])} files)")
-    except ProvenanceError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import socket
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import keras
 
+from engine.common import PROJECT_DIR, check_tracking_uri  # noqa: F401 (re-exported)
 from engine.config import UserError
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 def local_tracking_uri() -> str:
     """The embedded default store: mlflow.db in the project folder (what `make ui` reads)."""
     return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
-
-
-# URI schemes a run can log to; a database scheme may name a driver (postgresql+psycopg2).
-TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Raise UserError unless uri is a tracking URI of a known scheme whose server answers.
-
-    http(s): GET /health answers within `timeout`; a database: its host accepts a TCP
-    connection; sqlite: nothing to reach.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.split("+")[0].lower()
-    if "://" not in uri or scheme not in TRACKING_SCHEMES:
-        hint = f" (did you mean http://{uri}?)" if re.fullmatch(r"[\w.\-]+:\d+/?", uri) else ""
-        raise UserError(
-            f"MLFLOW_TRACKING_URI '{uri}' is not a tracking URI this template can log to"
-            f"{hint}. Use http(s)://HOST:PORT for a tracking server, sqlite:///PATH/mlflow.db "
-            "for a local file, postgresql://USER:PASSWORD@HOST:PORT/DB for a database, or "
-            "unset it to log to the local store in this folder. Nothing was trained."
-        )
-    try:
-        if scheme in ("http", "https"):
-            # any HTTP answer, an auth proxy's 401 too, means the server is reachable
-            with contextlib.suppress(urllib.error.HTTPError):
-                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
-        elif scheme != "sqlite" and scheme != "databricks" and parts.hostname:
-            default_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
-            port = parts.port or default_ports[scheme]
-            socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise UserError(
-            f"the MLflow tracking server at {uri} is unreachable ({reason}). Start it "
-            "(for example `make server`), fix MLFLOW_TRACKING_URI, or unset it to log "
-            "to the local store in this folder. Nothing was trained."
-        ) from err
 
 
 def configure_tracking(timeout: float = 5.0) -> str:

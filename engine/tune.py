@@ -35,22 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from engine import search_space
+from engine.common import storage_folder
 from engine.config import MONITORS, UserError, add_config_flags, build_parser
 
-STORAGE_ROOT = Path("/storage")
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 PRUNERS = ("median", "hyperband", "none")
 # A worker started as `python -m engine.tune worker - N` reads its settings from here.
 SETTINGS_ENV = "TUNE_SETTINGS"
 
 
-def default_storage(project_dir: Path) -> str:
+def default_storage() -> str:
     """A journal file under /storage/tune when /storage is writable, else ./.tune."""
-    if STORAGE_ROOT.is_dir() and os.access(STORAGE_ROOT, os.W_OK):
-        folder = STORAGE_ROOT / "tune"
-    else:
-        folder = project_dir / ".tune"
-    return str(folder / "studies.journal")
+    return str(storage_folder("tune", ".tune") / "studies.journal")
 
 
 def safe_url(url: str) -> str:
@@ -201,9 +197,7 @@ def prepare(argv: list[str]) -> tuple[TuneSettings, int, int]:
         raise UserError(f"--space {space_file} does not exist")
     space = search_space.load_space(space_file, args.param, config_cls, given - {"monitor"})
     search_space.check_space(space, base)
-    from engine.tracking import PROJECT_DIR
-
-    storage = args.storage or default_storage(PROJECT_DIR)
+    storage = args.storage or default_storage()
     open_storage(storage)  # reachable, before any run exists
     study_name = args.study_name or (
         f"{base.experiment_name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"

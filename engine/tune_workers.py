@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from engine import search_space
+from engine.common import PROJECT_DIR
 from engine.tune import SETTINGS_ENV, TuneSettings, load_hooks, make_study
 
 
@@ -129,8 +130,6 @@ class LocalWorkers:
     """
 
     def __init__(self, hooks_dir: Path):
-        from engine.tracking import PROJECT_DIR
-
         self.gpus = gpu_count()
         self.pythonpath = os.pathsep.join(dict.fromkeys([str(hooks_dir), str(PROJECT_DIR)]))
 

@@ -22,7 +22,8 @@ import yaml
 
 import project_driver as driver
 from engine import provenance
-from project_driver import DriverError, GpuInfo
+from engine.config import UserError
+from project_driver import GpuInfo
 
 PROJECT_DIR = Path(driver.__file__).resolve().parent
 NO_GPU = GpuInfo(runtime=False, count=0)
@@ -199,13 +200,13 @@ def test_non_server_uri_is_left_to_mlflow():
 
 
 def test_unknown_network_mode_is_an_error():
-    with pytest.raises(DriverError, match="auto, host or bridge"):
+    with pytest.raises(UserError, match="auto, host or bridge"):
         driver.container_tracking("http://localhost:5000", "overlay", "172.17.0.1")
 
 
 def test_unreachable_server_fails_in_seconds_with_the_fix():
     started = time.monotonic()
-    with pytest.raises(DriverError) as error:
+    with pytest.raises(UserError) as error:
         driver.check_server(f"http://127.0.0.1:{free_port()}", timeout=3)
     assert time.monotonic() - started < 5
     assert "unreachable" in str(error.value) and "make server" in str(error.value)
@@ -225,7 +226,7 @@ def plan_for(environ, uid=1234, gid=5678, given=()):
 
 
 def test_plan_without_tracking_uri_says_how_to_start_a_server():
-    with pytest.raises(DriverError, match="MLFLOW_TRACKING_URI is not set.*make server"):
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI is not set.*make server"):
         plan_for({})
 
 
@@ -409,7 +410,7 @@ def test_grid_from_command_line_expands_to_every_combination():
 
 @pytest.mark.parametrize("item", ["epochs", "=1,2", "epochs=1,,2", "epochs="])
 def test_bad_grid_items_are_rejected(item):
-    with pytest.raises(DriverError, match="-P"):
+    with pytest.raises(UserError, match="-P"):
         driver.parse_param_values([item])
 
 
@@ -433,7 +434,7 @@ def test_sweep_parameters_must_exist_in_mlproject():
     spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())
     known = list(spec["entry_points"]["main"]["parameters"])
     driver.check_param_names([{"epochs": "1", "learning_rate": "0.1"}], known)
-    with pytest.raises(DriverError, match="unknown parameter.*epoch\\b"):
+    with pytest.raises(UserError, match="unknown parameter.*epoch\\b"):
         driver.check_param_names([{"epoch": "1"}], known)
 
 
@@ -770,7 +771,7 @@ def test_in_the_image_the_commit_comes_from_the_baked_file_while_the_code_is_unc
 
 def test_bake_stops_when_the_image_received_other_files_than_the_host_hashed(tmp_path):
     image = make_project(tmp_path / "image", DOCKERIGNORE, {"train.py": "print(1)\n"})
-    with pytest.raises(provenance.ProvenanceError, match="other code.*Files in the image"):
+    with pytest.raises(UserError, match="other code.*Files in the image"):
         provenance.bake(image, "abc", False, "0" * 64, "img:code-0")
     assert not (image / provenance.BAKED_FILE).exists()
     assert provenance.main(["bake", "--project-dir", str(image), "--content-hash", "1"]) == 2
@@ -830,7 +831,7 @@ def test_check_and_tag_tags_the_code_a_run_runs_or_fails_it(tmp_path, monkeypatc
     assert tags["code.content_hash"] == code["content_hash"] and tags["code.dirty"] == "false"
 
     stale = client.create_run(experiment, tags={"mlflow.source.git.commit": B})
-    with pytest.raises(provenance.ProvenanceError, match="the image is stale"):
+    with pytest.raises(UserError, match="the image is stale"):
         provenance.check_and_tag(stale.info.run_id, project, client)
     assert "code.commit" not in client.get_run(stale.info.run_id).data.tags
 
@@ -846,7 +847,7 @@ def test_version_options_are_the_drivers_and_the_rest_goes_to_mlflow():
     )
     assert (url, version, rest) == ("file:///r.git", "abc", ["-P", "epochs=1", "--run-name", "x"])
     assert driver.split_version_args(["-v", "main"])[1] == "main"
-    with pytest.raises(DriverError, match="--git-url needs a value"):
+    with pytest.raises(UserError, match="--git-url needs a value"):
         driver.split_version_args(["--git-url"])
 
 
@@ -862,7 +863,7 @@ def test_checkout_of_a_version_from_a_bare_repository(tmp_path):
     assert driver.checkout_version(bare.as_uri(), first, checkout) == first
     assert (checkout / "train.py").read_text() == "print(1)\n"
     assert provenance.code_identity(checkout)["commit"] == first
-    with pytest.raises(DriverError, match="checkout"):
+    with pytest.raises(UserError, match="checkout"):
         driver.checkout_version(bare.as_uri(), "no-such-version", tmp_path / "other")
 
 

@@ -1,0 +1,118 @@
+"""Helpers the host and the container both need, written once, with no heavy imports.
+
+The host side (project_driver.py, host/, lifecycle.py's parser) imports this module
+without paying for TensorFlow, Keras or MLflow: it uses the standard library only.
+
+    PROJECT_DIR         the project folder (this template's checkout, or the image's copy)
+    storage_folder      /storage/<name> when /storage is writable, else the project's own
+    local_path          the local folder of a file:// or plain-path artifact URI
+    check_tracking_uri  a tracking URI of a known scheme whose server answers
+    image_files         the image files under a folder: the one listing every path uses
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from engine.config import UserError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+STORAGE_ROOT = Path("/storage")
+# engine/checkpoints.py writes it last; the host reads it to decide whether to resume.
+CHECKPOINT_STATE = "state.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# URI schemes a run can log to; a database scheme may name a driver (postgresql+psycopg2).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def storage_folder(name: str, fallback: str) -> Path:
+    """/storage/<name> when /storage is a writable folder (shared by containers), else
+    <project>/<fallback>.
+
+    Args:
+        name: the sub-folder of /storage (cache, checkpoints, tune).
+        fallback: the path under the project folder to use otherwise.
+    """
+    if STORAGE_ROOT.is_dir() and os.access(STORAGE_ROOT, os.W_OK):
+        return STORAGE_ROOT / name
+    return PROJECT_DIR / fallback
+
+
+def local_path(uri: str, base: Path | None = None) -> Path | None:
+    """The local folder of a file:// or plain-path artifact URI; None for a store reached
+    over the network (mlflow-artifacts:, s3:, ...).
+
+    Args:
+        uri: the artifact URI or location.
+        base: a relative plain path is taken under it (as is, when None).
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(urllib.parse.unquote(parts.path))
+    if parts.scheme == "" and uri:
+        return base / uri if base is not None else Path(uri)
+    return None
+
+
+def check_tracking_uri(
+    uri: str, timeout: float = 5.0, outcome: str = "Nothing was trained."
+) -> None:
+    """Raise UserError unless uri is a tracking URI of a known scheme whose server answers.
+
+    http(s): GET /health answers within `timeout` (any HTTP answer counts, an auth proxy's
+    401 too); a database: its host accepts a TCP connection; sqlite: nothing to reach.
+
+    Args:
+        uri: the tracking URI.
+        timeout: seconds to wait for an answer.
+        outcome: the last sentence of the message, what did not happen.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    if "://" not in uri or scheme not in TRACKING_SCHEMES:
+        hint = f" (did you mean http://{uri}?)" if re.fullmatch(r"[\w.\-]+:\d+/?", uri) else ""
+        raise UserError(
+            f"MLFLOW_TRACKING_URI '{uri}' is not a tracking URI this template can log to"
+            f"{hint}. Use http(s)://HOST:PORT for a tracking server, sqlite:///PATH/mlflow.db "
+            "for a local file, postgresql://USER:PASSWORD@HOST:PORT/DB for a database, or "
+            f"unset it to log to the local store in this folder. {outcome}"
+        )
+    try:
+        if scheme in ("http", "https"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        elif scheme not in ("sqlite", "databricks") and parts.hostname:
+            default_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+            port = parts.port or default_ports[scheme]
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"the MLflow tracking server at {uri} is unreachable ({reason}). Start it "
+            "(`make server` serves http://127.0.0.1:5000), fix MLFLOW_TRACKING_URI, or unset "
+            f"it to log to the local store in this folder. {outcome}"
+        ) from None
+
+
+def image_files(folder: Path | str) -> list[str]:
+    """The image files under folder, at any depth, sorted (os.walk: 3x pathlib's speed).
+
+    Args:
+        folder: the folder to list.
+
+    Returns:
+        Their paths, each joined onto folder as given.
+    """
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(parent, name))
+    return sorted(found)
