@@ -12,7 +12,13 @@ a `.npy` array of images and a `.json` list of their keys, labels and failures,
 each written to a temporary file and renamed into place (the `.json` last, so a
 shard exists only once whole). A lock file (fcntl.flock) lets many runs read at
 once and one write: a run that has to decode waits for a writer and then reads
-what it wrote.
+what it wrote. A writer first removes what dead writers left (temporary files, an
+`.npy` without its `.json`), and a write that fails (disk full, quota, permissions)
+removes its part-written shard and turns the disk cache off for that run alone.
+
+Modes: files 0664 and folders 2775 (group-writable, setgid so new files keep the
+folder's group): containers that run as different users of one group (e.g.
+`docker run --group-add`) share a /storage/cache.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from engine.config import UserError
 from engine.decoding import DECODER_VERSION
 
 SHARD_IMAGES = 8192  # images per shard at most: a changed file rewrites no more than one
+FILE_MODE = 0o664
+FOLDER_MODE = 0o2775
 
 
 @dataclass
@@ -79,7 +87,16 @@ def _stale(key: str) -> bool:
 @contextlib.contextmanager
 def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
     """Hold folder's lock: shared to read, exclusive to write; say so when waiting."""
-    with open(folder / ".lock", "a+") as lock:
+    lock_path = folder / ".lock"
+    created = not lock_path.exists()
+    try:
+        lock = open(lock_path, "a+")  # noqa: SIM115 (closed below)
+    except PermissionError:  # a cache this user may only read: a shared lock still works
+        lock = open(lock_path)  # noqa: SIM115
+    with lock:
+        if created:  # every user of a shared cache opens it to lock
+            with contextlib.suppress(OSError):
+                os.chmod(lock_path, 0o666)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(lock, mode | fcntl.LOCK_NB)
@@ -90,6 +107,15 @@ def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def make_folder(folder: Path) -> None:
+    """Create folder and its missing parents with FOLDER_MODE (a shared cache's mode)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        with contextlib.suppress(OSError):  # another user's run may have made it
+            os.chmod(created, FOLDER_MODE)
 
 
 class ImageCache:
@@ -147,16 +173,27 @@ class ImageCache:
     def _write(
         self, keys: list[str], images: np.ndarray, labels: np.ndarray, failed: dict[str, str]
     ) -> int:
-        """Store images (one per key, with labels) and failures as new shards; returns bytes."""
+        """Store images (one per key, with labels) and failures as new shards; returns bytes.
+
+        A shard whose write fails is removed whole (its .npy without a .json would be an
+        orphan) and the error raised; shards written before it stay, complete.
+        """
         written = 0
         for start in range(0, max(len(keys), 1), SHARD_IMAGES):
             rows = slice(start, start + SHARD_IMAGES)
-            meta = {"keys": keys[rows], "labels": [int(v) for v in labels[rows]],
-                    "failed": failed if start == 0 else {}}  # fmt: skip
+            meta = {
+                "keys": keys[rows],
+                "labels": [int(v) for v in labels[rows]],
+                "failed": failed if start == 0 else {},
+            }
             name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-            written += self._atomic(f"{name}.npy", lambda f, r=rows: np.save(f, images[r]))
-            text = json.dumps(meta).encode()
-            written += self._atomic(f"{name}.json", lambda f, t=text: f.write(t))
+            try:
+                written += self._atomic(f"{name}.npy", lambda f, r=rows: np.save(f, images[r]))
+                text = json.dumps(meta).encode()
+                written += self._atomic(f"{name}.json", lambda f, t=text: f.write(t))
+            except BaseException:
+                (self.folder / f"{name}.npy").unlink(missing_ok=True)
+                raise
         return written
 
     def _atomic(self, name: str, write: Callable) -> int:
@@ -165,6 +202,7 @@ class ImageCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, self.folder / name)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -176,11 +214,7 @@ class ImageCache:
         """Rewrite the shards that mostly hold files since changed or gone, without those.
 
         Shards written at or after `since` (time.time_ns()) are fresh and left alone.
-        Temporary files of a write killed midway are removed after an hour.
         """
-        for leftover in self.folder.glob(".tmp-*"):
-            if leftover.stat().st_mtime < time.time() - 3600:
-                leftover.unlink(missing_ok=True)
         for meta_path in sorted(self.folder.glob("*.json")):
             if int(meta_path.stem.split("-")[0]) >= since:
                 continue
@@ -200,6 +234,20 @@ class ImageCache:
             meta_path.unlink()  # the .json first: without it the shard is not there
             meta_path.with_suffix(".npy").unlink(missing_ok=True)
 
+    def remove_leftovers(self) -> int:
+        """Remove what writers that died left: temporary files, and `.npy` files whose
+        `.json` was never written. Called with the exclusive lock held, so no writer is
+        at work. Returns the bytes freed."""
+        freed = 0
+        for leftover in self.folder.glob(".tmp-*"):
+            freed += leftover.stat().st_size
+            leftover.unlink(missing_ok=True)
+        for array in self.folder.glob("*.npy"):
+            if not array.with_suffix(".json").exists():
+                freed += array.stat().st_size
+                array.unlink(missing_ok=True)
+        return freed
+
     def size_bytes(self) -> int:
         """Bytes the cache's shards take, over all sizes and channel counts."""
         return sum(p.stat().st_size for p in self.root.glob("*/*") if not p.name.startswith("."))
@@ -210,6 +258,25 @@ class ImageCache:
         """Decode the keys at positions `missing` into out and write them as new shards."""
         started = time.time_ns()
         new = decode(missing)
+        try:
+            self._store(keys, missing, new)
+            self._compact(since=started)
+        except OSError as err:
+            # Space, quota, permissions: the images are decoded; this run goes on without
+            # writing them (the next run tries again).
+            print(
+                f"cache: cannot write to {self.folder} ({err.strerror or err}); this run "
+                "goes on without the disk cache"
+            )
+        if len(missing) == len(keys):
+            out.images, out.labels = new.images, new.labels
+        else:
+            out.images[missing], out.labels[missing] = new.images, new.labels
+        out.failures.update({missing[i]: why for i, why in new.failures.items()})
+
+    def _store(self, keys: list[str], missing: list[int], new: Decoded) -> None:
+        """Write the newly decoded images of keys[missing] (and their failures) as shards."""
+        self.remove_leftovers()
         ok = np.flatnonzero(new.ok())
         failed = {keys[missing[i]]: why for i, why in new.failures.items()}
         if len(ok) == len(missing):  # no failures: no copy of the images
@@ -217,21 +284,17 @@ class ImageCache:
         else:
             ok_keys = [keys[missing[i]] for i in ok]
             written = self._write(ok_keys, new.images[ok], new.labels[ok], failed)
-        self._compact(since=started)
-        if len(missing) == len(keys):
-            out.images, out.labels = new.images, new.labels
-        else:
-            out.images[missing], out.labels[missing] = new.images, new.labels
-        out.failures.update({missing[i]: why for i, why in new.failures.items()})
-        print(f"cache: wrote {len(missing)} images ({written / 1e6:.1f} MB) to {self.folder}; "
-              f"the cache holds {self.size_bytes() / 1e6:.1f} MB")  # fmt: skip
+        print(
+            f"cache: wrote {len(missing)} images ({written / 1e6:.1f} MB) to {self.folder}; "
+            f"the cache holds {self.size_bytes() / 1e6:.1f} MB"
+        )
 
     # -- the one entry point -----------------------------------------------------
 
     def load(self, keys: list[str], decode: Decode) -> Decoded:
         """The images of keys: read from the cache, the missing ones decoded and stored."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder)
         except OSError as err:
             raise UserError(
                 f"cannot create the image cache {self.folder} ({err.strerror}). Give a "
@@ -252,8 +315,10 @@ class ImageCache:
                 self._gather(index, keys, hits, out)
                 if missing:
                     self._decode_and_store(keys, missing, decode, out)
-        print(f"cache: read {len(keys) - len(missing)} decoded images from {self.folder} "
-              f"({len(missing)} decoded)")  # fmt: skip
+        print(
+            f"cache: read {len(keys) - len(missing)} decoded images from {self.folder} "
+            f"({len(missing)} decoded)"
+        )
         return out
 
 
@@ -272,12 +337,18 @@ def load_images(keys: list[str], decode: Decode, cache: bool, cache_dir: str, sh
     store = ImageCache(cache_dir or default_cache_dir(), shape[0], shape[2])
     if not cache_dir:
         try:
-            store.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(store.folder)
         except OSError as err:
-            print(f"note: cannot write the image cache {store.folder} ({err.strerror}); "
-                  "decoding without it (--cache-dir names a writable one)")  # fmt: skip
+            print(
+                f"note: cannot write the image cache {store.folder} ({err.strerror}); "
+                "decoding without it (--cache-dir names a writable one)"
+            )
             return decode(list(range(len(keys))))
-    return store.load(keys, decode)
+    try:
+        return store.load(keys, decode)
+    except OSError as err:  # e.g. a lock or shard this user cannot open
+        print(f"cache: cannot use {store.folder} ({err.strerror or err}); decoding without it")
+        return decode(list(range(len(keys))))
 
 
 def clean(cache_dir: str = "") -> int:

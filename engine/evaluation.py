@@ -54,23 +54,51 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
 def per_class_metrics(
     labels: np.ndarray, probs: np.ndarray, class_names: list[str]
 ) -> dict[str, float]:
-    """precision_<class> and recall_<class> for every class (names made metric-safe)."""
+    """precision_<class> and recall_<class> for every class (names from class_metric_names)."""
     from sklearn import metrics
 
     every_class = list(range(len(class_names)))
     predicted = probs.argmax(axis=1)
+    safe_names = class_metric_names(class_names)
     scores = {}
-    for name, score in (("precision", metrics.precision_score),
-                        ("recall", metrics.recall_score)):  # fmt: skip
+    for name, score in (("precision", metrics.precision_score), ("recall", metrics.recall_score)):
         values = score(labels, predicted, labels=every_class, average=None, zero_division=0)
         for class_name, value in zip(class_names, values, strict=True):
-            scores[f"{name}_{metric_safe(class_name)}"] = float(value)
+            scores[f"{name}_{safe_names[class_name]}"] = float(value)
     return scores
 
 
 def metric_safe(name: str) -> str:
     """A class name as MLflow accepts in a metric name (letters, digits, _ - . / space)."""
     return re.sub(r"[^\w\-. /]", "_", str(name))
+
+
+def class_metric_names(class_names: list[str]) -> dict[str, str]:
+    """Each class's name in metric names: metric_safe, made unique.
+
+    Two names can become one (`cats∕dogs` with U+2215 and `cats_dogs`). A class whose name
+    is already safe keeps it; one whose name had to change gets a suffix when it would clash
+    (`cats_dogs_2`), so no class's metrics overwrite another's. The run logs this mapping
+    (class_metric_names.json).
+
+    Args:
+        class_names: the classes in label order.
+
+    Returns:
+        {class name: its name in metric names}.
+    """
+    taken = {name for name in class_names if metric_safe(name) == name}
+    names: dict[str, str] = {}
+    for class_name in class_names:
+        base = metric_safe(class_name)
+        candidate, suffix = base, 2
+        if base != class_name:
+            while candidate in taken:
+                candidate = f"{base}_{suffix}"
+                suffix += 1
+            taken.add(candidate)
+        names[class_name] = candidate
+    return names
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:

@@ -1,0 +1,167 @@
+"""Faults a user hits: a full cache disk, dead writers' leftovers, link loops in a data
+folder, class names that clash as metric names."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.cache import FILE_MODE, Decoded, ImageCache, load_images
+from engine.common import list_images
+from engine.evaluation import class_metric_names, per_class_metrics
+
+
+def decoder(count: int, size: int = 64):
+    """A Decode function over `count` keys: image i is filled with i % 256; counts calls."""
+    calls = []
+
+    def decode(indices: list[int]) -> Decoded:
+        calls.append(list(indices))
+        images = np.empty((len(indices), size, size, 3), np.uint8)
+        for row, index in enumerate(indices):
+            images[row] = index % 256
+        return Decoded(images, np.asarray([i % 2 for i in indices], np.int64))
+
+    keys = [f"example|{i}" for i in range(count)]
+    return keys, decode, calls
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` at path (root only); skips the test where it cannot mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a full disk) needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    done = subprocess.run(mount, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_cache_disk_turns_the_cache_off_for_the_run_and_leaves_no_part_shard(
+    tmp_path, capsys
+):
+    keys, decode, _ = decoder(400)  # 400 x 64 x 64 x 3 = 4.9 MB, on a 1 MB disk
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        out = load_images(keys, decode, cache=True, cache_dir=str(disk), shape=(64, 64, 3))
+        printed = capsys.readouterr().out
+        assert "cache: cannot write to" in printed and "without the disk cache" in printed
+        assert len(out.images) == 400 and (out.images[:, 0, 0, 0] == np.arange(400) % 256).all()
+        folder = ImageCache(disk, 64, 3).folder
+        left = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
+        assert left == [], f"a failed write left {left}"
+
+
+def test_dead_writers_leftovers_are_removed_at_the_next_write(tmp_path, capsys):
+    store = ImageCache(tmp_path / "cache", 64, 3)
+    keys, decode, _ = decoder(10)
+    store.load(keys[:5], decode)
+    orphan = store.folder / f"1-{uuid.uuid4().hex[:8]}.npy"  # an .npy whose .json never came
+    orphan.write_bytes(b"\0" * 100_000)
+    temporary = store.folder / ".tmp-deadbeef"
+    temporary.write_bytes(b"\0" * 100_000)
+    capsys.readouterr()
+    store.load(keys, decode)  # 5 new keys: a write
+    assert not orphan.exists() and not temporary.exists()
+    shards = sorted(store.folder.glob("*.npy"))
+    assert len(shards) == 2 and all(p.with_suffix(".json").exists() for p in shards)
+    holds = sum(p.stat().st_size for p in store.folder.iterdir() if p.name != ".lock")
+    assert f"the cache holds {holds / 1e6:.1f} MB" in capsys.readouterr().out
+
+
+def test_cache_files_are_group_readable_so_containers_of_one_group_share_them(tmp_path):
+    store = ImageCache(tmp_path / "cache", 64, 3)
+    keys, decode, calls = decoder(4)
+    store.load(keys, decode)
+    for path in store.folder.iterdir():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        want = 0o666 if path.name == ".lock" else FILE_MODE
+        assert mode == want, f"{path.name}: {oct(mode)}"
+    assert stat.S_IMODE(store.folder.stat().st_mode) == 0o2775
+    assert len(calls) == 1
+
+
+def test_a_cache_this_user_cannot_write_is_read_or_skipped_without_a_traceback(tmp_path, capsys):
+    keys, decode, calls = decoder(6)
+    cache = tmp_path / "cache"
+    load_images(keys[:3], decode, cache=True, cache_dir=str(cache), shape=(64, 64, 3))
+    folder = ImageCache(cache, 64, 3).folder
+    # A file in the cache's place of a shard folder: nothing can be written there.
+    (folder / ".lock").unlink()
+    (folder / ".lock").mkdir()
+    out = load_images(keys, decode, cache=True, cache_dir=str(cache), shape=(64, 64, 3))
+    assert "decoding without it" in capsys.readouterr().out
+    assert (out.images[:, 0, 0, 0] == np.arange(6)).all()
+
+
+# ----------------------------------------------------------------------------
+# Listing a data folder: links
+# ----------------------------------------------------------------------------
+
+
+def touch_images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"not decoded here")
+
+
+def test_a_link_loop_lists_each_file_once_and_says_how_many_links_it_skipped(tmp_path):
+    touch_images(tmp_path / "a", ["1.png", "2.png"])
+    touch_images(tmp_path / "a" / "sub", ["3.jpg"])
+    (tmp_path / "a" / "loop").symlink_to(".")
+    (tmp_path / "a" / "sub" / "back").symlink_to("..")
+    (tmp_path / "a" / "alias").symlink_to("sub")
+    (tmp_path / "a" / "same.png").symlink_to("1.png")
+    listing = list_images(tmp_path / "a")
+    real = [str(tmp_path / "a" / n) for n in ("1.png", "2.png", "sub/3.jpg")]
+    assert listing.files == real
+    assert (listing.loops, listing.outside) == (4, 0)
+    assert "skipped 4 link(s)" in listing.describe_skipped(tmp_path / "a")
+
+
+def test_a_link_out_of_the_class_folder_is_not_followed_unless_asked(tmp_path):
+    touch_images(tmp_path / "a", ["1.png"])
+    touch_images(tmp_path / "b", ["2.png", "3.png"])
+    (tmp_path / "a" / "up").symlink_to("..")  # would hand b's files the label a
+    (tmp_path / "a" / "b.png").symlink_to(tmp_path / "b" / "2.png")
+    listing = list_images(tmp_path / "a")
+    assert listing.files == [str(tmp_path / "a" / "1.png")]
+    assert listing.outside == 2 and "leading out of" in listing.describe_skipped(tmp_path / "a")
+    followed = list_images(tmp_path / "a", follow_links_out=True)
+    assert str(tmp_path / "a" / "b.png") in followed.files and len(followed.files) == 2
+
+
+def test_a_plain_folder_lists_every_image_and_skips_nothing(tmp_path):
+    touch_images(tmp_path / "x", ["b.PNG", "a.jpeg", "notes.txt"])
+    listing = list_images(tmp_path / "x")
+    assert [Path(p).name for p in listing.files] == ["a.jpeg", "b.PNG"]
+    assert listing.describe_skipped(tmp_path / "x") == ""
+
+
+# ----------------------------------------------------------------------------
+# Per-class metric names
+# ----------------------------------------------------------------------------
+
+
+def test_class_names_that_clash_as_metric_names_get_a_suffix_and_keep_their_metrics():
+    classes = ["cats\u2215dogs", "cats_dogs", "cats_dogs_2"]
+    names = class_metric_names(classes)
+    assert len(set(names.values())) == 3
+    assert names["cats_dogs"] == "cats_dogs" and names["cats_dogs_2"] == "cats_dogs_2"
+    assert names["cats\u2215dogs"].startswith("cats_dogs_")
+    labels = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 2, 1]]
+    scores = per_class_metrics(labels, probs, classes)
+    assert len(scores) == 6  # precision and recall of each of the three classes
+    assert scores[f"recall_{names['cats_dogs_2']}"] == 0.5
