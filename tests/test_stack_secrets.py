@@ -9,6 +9,7 @@ environment compose.yaml would give it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import secrets
@@ -317,3 +318,39 @@ def test_start_server_with_generated_secrets_goes_on_to_the_database(
         assert "refusing" not in log_path.read_text()
     finally:
         stop_process_group(process)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "password1234", "a common word or a known default"),
+        ("MINIO_ROOT_PASSWORD", "minioadminminioadmin", "a common word or a known default"),
+        ("POSTGRES_PASSWORD", "Postgres!2024", "a common word or a known default"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "a" * 12, "predictable"),
+        ("MINIO_ROOT_PASSWORD", "123456789012", "predictable"),
+        ("POSTGRES_PASSWORD", "q9Zq9Zq9Zq9Zq9Z", "predictable"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "0" * 64, "predictable"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "ab" * 32, "predictable"),
+    ],
+)
+def test_check_refuses_low_entropy_values_not_only_short_ones(
+    tmp_path, generated, name, value, says
+):
+    settings = {**generated, name: value}
+    message = assert_refused(check(write_settings(tmp_path / ".env", settings)), [])
+    assert f"{name} is {says}" in message
+    assert [other for other in SECRET_NAMES if other in message] == [name]
+
+
+def test_fresh_values_and_a_long_passphrase_pass_the_entropy_check(
+    tmp_path, generated, monkeypatch
+):
+    spec = importlib.util.spec_from_file_location("stack_secrets", FOLDER / "stack_secrets.py")
+    stack_secrets = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "stack_secrets", stack_secrets)
+    spec.loader.exec_module(stack_secrets)
+    for _ in range(50):  # every value make stack-secrets writes passes, every time
+        for secret in stack_secrets.SECRETS:
+            assert secret.weakness(secret.new_value()) is None
+    settings = {**generated, "MLFLOW_AUTH_ADMIN_PASSWORD": "correct horse battery staple"}
+    assert check(write_settings(tmp_path / ".env", settings)).returncode == 0

@@ -34,6 +34,64 @@ MIN_KEY_BITS = 256  # 32 random bytes: 64 hex characters or 43 base64 characters
 PASSWORD_COMMAND = 'python3 -c "import secrets; print(secrets.token_urlsafe(24))"'
 KEY_COMMAND = 'python3 -c "import secrets; print(secrets.token_hex(32))"'
 BASE64_CHARS = set(string.ascii_letters + string.digits + "+/-_")
+# A value is refused when its characters carry fewer bits than this (estimated from how
+# often each character repeats in it): passwords, and signing keys.
+MIN_PASSWORD_ENTROPY_BITS = 32
+MIN_KEY_ENTROPY_BITS = 160
+# Words and defaults that a guesser tries first: a value made only of these (with digits
+# or punctuation around them) is refused, e.g. password1234, minioadminminioadmin.
+WEAK_WORDS = frozenset(
+    [
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "admin",
+        "administrator",
+        "root",
+        "user",
+        "guest",
+        "login",
+        "welcome",
+        "secret",
+        "letmein",
+        "changeme",
+        "change",
+        "me",
+        "default",
+        "test",
+        "demo",
+        "example",
+        "minio",
+        "minioadmin",
+        "mlflow",
+        "postgres",
+        "postgresql",
+        "postgre",
+        "db",
+        "database",
+        "server",
+        "qwerty",
+        "qwertz",
+        "azerty",
+        "asdf",
+        "zxcv",
+        "iloveyou",
+        "dragon",
+        "monkey",
+        "master",
+        "shadow",
+        "sunshine",
+        "football",
+        "baseball",
+        "princess",
+        "abc",
+        "abcdef",
+        "xyz",
+        "hello",
+        "trustno",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +118,15 @@ class Secret:
                 return "shorter than 32 random bytes (64 hex characters)"
         elif len(value) < MIN_PASSWORD_CHARS:
             return f"shorter than {MIN_PASSWORD_CHARS} characters"
+        if made_of_weak_words(value):
+            return "a common word or a known default (with digits or symbols around it)"
+        needed = MIN_KEY_ENTROPY_BITS if self.is_signing_key else MIN_PASSWORD_ENTROPY_BITS
+        bits = entropy_bits(value)
+        if bits < needed or len(set(value)) < 5:
+            return (
+                f"predictable: repeated or sequential characters (about {max(bits, 0):.0f} bits; "
+                f"at least {needed} needed)"
+            )
         return None
 
     def server_label(self) -> str:
@@ -89,6 +156,41 @@ def key_bits(value: str) -> float:
     else:
         alphabet = 95  # printable ASCII
     return len(value.rstrip("=")) * math.log2(alphabet)
+
+
+def entropy_bits(value: str) -> float:
+    """Bits the value carries, estimated from its characters' frequencies (Shannon) and
+    counting a run of consecutive characters (1234, abcd, 4321) as one character."""
+    if not value:
+        return 0.0
+    steps = [ord(b) - ord(a) for a, b in zip(value, value[1:], strict=False)]
+    # a character that continues an ascending or descending run adds no surprise
+    kept = [value[0]] + [
+        char
+        for char, step, before in zip(value[1:], steps, [None, *steps], strict=False)
+        if not (abs(step) == 1 and step == before)
+    ]
+    counts = [kept.count(char) for char in set(kept)]
+    total = len(kept)
+    per_char = -sum(c / total * math.log2(c / total) for c in counts)
+    return per_char * total
+
+
+def made_of_weak_words(value: str) -> bool:
+    """True when the letters of value, digits and symbols set aside, are only WEAK_WORDS
+    (or a value with no letters at all is short runs of digits such as 1234...)."""
+    words = [w for w in "".join(c if c.isalpha() else " " for c in value.lower()).split()]
+    if not words:
+        return False
+
+    def segmentable(text: str) -> bool:
+        ends = {0}
+        for end in range(1, len(text) + 1):
+            if any(start in ends and text[start:end] in WEAK_WORDS for start in range(end)):
+                ends.add(end)
+        return len(text) in ends
+
+    return all(segmentable(word) for word in words)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
