@@ -6,6 +6,10 @@ and why, so decoding doubles as the check that a file is a readable image.
 TensorFlow's decoders are used, not PIL's: on one core they decode and resize a
 128 px PNG about twice as fast (doc/benchmarks.md), and they run in tf.data's C++
 threads, free of the GIL.
+
+Before decoding, each file's header is read (engine/headers.py): a file over the pixel
+limit is refused undecoded, and the EXIF orientation turns a photo upright, as every
+viewer shows it, in training, predict and serving alike.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from engine.headers import max_pixels, read_header, too_large
+
 # Part of every cache key: bump it whenever what decode_image or resize_image
 # returns for the same file changes, so no run reads images decoded the old way.
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: EXIF orientation applied
 DECODE_BATCH = 1024  # images handed from tf.data to numpy at a time
 
 
@@ -37,16 +43,46 @@ def resize_image(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def decode_image(path: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-    """An image file's path -> uint8 (image_size, image_size, channels) tensor.
+def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """The image as EXIF orientation 1..8 says to show it (what PIL's
+    ImageOps.exif_transpose does; tests check the two agree)."""
+    turns = [
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: tf.image.transpose(image),
+        lambda: tf.image.rot90(image, 3),
+        lambda: tf.image.rot90(tf.image.transpose(image), 2),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    return tf.switch_case(tf.clip_by_value(tf.cast(orientation, tf.int32), 1, 8) - 1, turns)
 
-    PNG (8 or 16 bit, palette, with or without alpha), JPEG, GIF (first frame) and
-    BMP; alpha is dropped, gray and RGB are converted to `channels`. Files are
+
+def _orientation(path) -> np.int32:
+    header = read_header(bytes(np.asarray(path).item()).decode())
+    return np.int32(header.orientation if header else 1)
+
+
+def decode_image(
+    path: tf.Tensor, image_size: int, channels: int, orientation: tf.Tensor | None = None
+) -> tf.Tensor:
+    """An image file's path -> uint8 (image_size, image_size, channels) tensor, upright.
+
+    PNG (8 or 16 bit, palette, with or without alpha), JPEG, GIF (first frame), BMP and
+    WebP; alpha is dropped, gray and RGB are converted to `channels`. Files are
     decoded to RGB first whatever `channels` is: TensorFlow decodes a GIF or a CMYK
     JPEG to RGB only.
+
+    Args:
+        orientation: the file's EXIF orientation when known (decode_files reads it with
+            the pixel check); None reads it from the file's header here.
     """
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return resize_image(image, image_size, channels)
+    if orientation is None:
+        orientation = tf.numpy_function(_orientation, [path], tf.int32, stateful=False)
+    # Turned after resizing to a square: the same pixels as before it, for less work.
+    return upright(resize_image(image, image_size, channels), orientation)
 
 
 def decode_error(path: str, image_size: int, channels: int) -> str:
@@ -61,9 +97,13 @@ def decode_error(path: str, image_size: int, channels: int) -> str:
 
 
 def decode_files(
-    paths: list[str], image_size: int, channels: int
+    paths: list[str], image_size: int, channels: int, pixel_limit: int | None = None
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode and resize image files in parallel.
+    """Decode and resize image files in parallel, each turned upright by its EXIF.
+
+    Args:
+        pixel_limit: a file whose header declares more pixels is refused undecoded
+            (0: no limit; None: engine.headers.max_pixels(), 100 megapixels by default).
 
     Returns:
         (images, failures): images (len(paths), image_size, image_size, channels)
@@ -72,10 +112,17 @@ def decode_files(
     """
     images = np.zeros((len(paths), image_size, image_size, channels), np.uint8)
     decoded = np.zeros(len(paths), bool)
-    if paths:
-        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.array(paths, str)))
+    limit = max_pixels() if pixel_limit is None else pixel_limit
+    headers = [read_header(path) for path in paths]  # ~10 us a file
+    refused = {i: why for i, header in enumerate(headers) if (why := too_large(header, limit))}
+    todo = np.array([i for i in range(len(paths)) if i not in refused], np.int64)
+    if len(todo):
+        orientation = np.array([headers[i].orientation if headers[i] else 1 for i in todo])
+        ds = tf.data.Dataset.from_tensor_slices(
+            (todo, np.array(paths, str)[todo], orientation.astype(np.int32))
+        )
         ds = ds.map(
-            lambda index, path: (index, decode_image(path, image_size, channels)),
+            lambda index, path, turn: (index, decode_image(path, image_size, channels, turn)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         # A file that fails drops out here; its index is missing below, and it is
@@ -84,9 +131,9 @@ def decode_files(
         for index, batch in ds.ignore_errors().batch(DECODE_BATCH).as_numpy_iterator():
             images[index] = batch
             decoded[index] = True
-    failed = np.flatnonzero(~decoded)
-    failures = {int(i): decode_error(paths[i], image_size, channels) for i in failed}
-    return images, failures
+    failed = [int(i) for i in np.flatnonzero(~decoded) if int(i) not in refused]
+    failures = {i: decode_error(paths[i], image_size, channels) for i in failed}
+    return images, dict(sorted({**failures, **refused}.items()))
 
 
 def resize_images(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:

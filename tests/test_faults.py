@@ -165,3 +165,76 @@ def test_class_names_that_clash_as_metric_names_get_a_suffix_and_keep_their_metr
     scores = per_class_metrics(labels, probs, classes)
     assert len(scores) == 6  # precision and recall of each of the three classes
     assert scores[f"recall_{names['cats_dogs_2']}"] == 0.5
+
+
+# ----------------------------------------------------------------------------
+# Decoding: EXIF orientation, and a pixel limit checked before decoding
+# ----------------------------------------------------------------------------
+
+
+def saved_with_orientation(path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    """pixels saved so that a viewer honouring EXIF `orientation` shows them upright."""
+    from PIL import Image
+
+    undo = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}  # fmt: skip
+    image = Image.fromarray(pixels)
+    stored = image if orientation == 1 else image.transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_every_image_upright_as_a_viewer_shows_it(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    from engine.decoding import decode_files
+
+    upright = np.random.default_rng(orientation).integers(0, 255, (24, 40, 3), np.uint8)
+    path = saved_with_orientation(tmp_path / "photo.png", upright, orientation)
+    assert (np.asarray(ImageOps.exif_transpose(Image.open(path))) == upright).all()
+    plain = tmp_path / "plain.png"
+    Image.fromarray(upright).save(plain)
+    images, failures = decode_files([str(path), str(plain)], 16, 3)
+    assert failures == {}
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_a_sideways_phone_jpeg_is_trained_and_served_upright(tmp_path):
+    import tensorflow as tf
+
+    from engine.decoding import decode_files, decode_image
+
+    upright = np.zeros((60, 100, 3), np.uint8)
+    upright[:, :50] = 255  # white left half, black right half: easy to see turned
+    path = saved_with_orientation(tmp_path / "phone.jpg", upright, 6)
+    images, _ = decode_files([str(path)], 32, 3)
+    assert images[0, :, :12].mean() > 200 and images[0, :, -12:].mean() < 50
+    # a fork's own pipeline through decode_image reads the orientation itself
+    alone = decode_image(tf.constant(str(path)), 32, 3).numpy()
+    np.testing.assert_array_equal(alone, images[0])
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.decoding import decode_files
+
+    big = tmp_path / "bomb.png"
+    Image.new("L", (20000, 20000)).save(big)  # ~400 KB on disk, 400 megapixels decoded
+    assert big.stat().st_size < 1_000_000
+    small = tmp_path / "small.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(small)
+    images, failures = decode_files([str(big), str(small)], 16, 3)
+    assert list(failures) == [0] and "over the limit of 100 megapixels" in failures[0]
+    assert (images[1] == 9).all()
+    monkeypatch.setenv("IMAGE_MAX_MEGAPIXELS", "0.00001")  # 10 pixels: both refused
+    _, failures = decode_files([str(big), str(small)], 16, 3)
+    assert sorted(failures) == [0, 1]
+    monkeypatch.setenv("IMAGE_MAX_MEGAPIXELS", "lots")
+    with pytest.raises(Exception, match="IMAGE_MAX_MEGAPIXELS='lots' is not a number"):
+        decode_files([str(small)], 16, 3)
