@@ -170,3 +170,42 @@ def log_model(
             registered_model_name, model_alias, str(version)
         )
     return model_info.model_uri, None if version is None else str(version)
+
+
+def registered_classes_problem(client, name: str, class_names: list[str]) -> str:
+    """Why a new version of registered model `name` with these classes would mislead, or "".
+
+    A fork's first run would otherwise land beside the demo's versions under the default
+    name, and predict on the fork's images would answer with the demo's champion. The
+    latest version's classes are read from its run's `class_names` parameter.
+
+    Args:
+        client: an MlflowClient.
+        name: the registered model name the run would add a version to.
+        class_names: this run's classes.
+    """
+    import mlflow
+
+    try:
+        versions = client.search_model_versions(
+            f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+        )
+    except mlflow.exceptions.MlflowException:
+        return ""  # no such model yet, or a registry without search: nothing to compare
+    if not versions:
+        return ""
+    latest = versions[0]
+    try:
+        logged = client.get_run(latest.run_id).data.params.get("class_names", "")
+    except mlflow.exceptions.MlflowException:
+        return ""
+    if not logged or logged.split(",") == list(class_names):
+        return ""
+    return (
+        f"registered model '{name}' version {latest.version} was trained on the classes "
+        f"[{logged.replace(',', ', ')}], this run's data has [{', '.join(class_names)}]: a new "
+        f"version would sit beside it under one name, and predict with `@champion` could "
+        f"answer with the other data's model. Name this model with --registered-model-name "
+        f"NAME (under mlflow run: -P registered_model_name=NAME), or pass "
+        f"--allow-class-change true to add it to '{name}' anyway. Nothing was trained."
+    )
