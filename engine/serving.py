@@ -25,10 +25,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import keras
+import mlflow
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+import tensorflow as tf
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
-IMAGE_COLUMN = "image"
+from engine.client import IMAGE_COLUMN, encode_file  # noqa: F401 (encode_file: doc/serving.md)
+from engine.decoding import decode_files
+from engine.network import class_probabilities
+
 NETWORK_ARTIFACT = "network"
 # What the model needs besides the project's code; pinned to the versions it was logged with.
 REQUIREMENTS = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
@@ -53,15 +62,8 @@ def file_bytes(value: Any) -> bytes:
         raise ValueError(f"not base64 ({err})") from err
 
 
-def encode_file(path: str | Path) -> str:
-    """An image file as the base64 text the served model takes."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 def request_values(model_input: Any) -> list:
     """The images of a request: column `image` of a DataFrame, a dict, or a plain list."""
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN in model_input.columns:
             return list(model_input[IMAGE_COLUMN])
@@ -98,8 +100,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return {**self.__dict__, "network": None, "_forward": None}
 
     def load_context(self, context) -> None:
-        import keras
-
         self.network = keras.saving.load_model(context.artifacts[NETWORK_ARTIFACT], compile=False)
 
     def with_network(self, network) -> ImageClassifier:
@@ -108,8 +108,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def forward(self, images) -> np.ndarray:
         """The network's outputs for a batch of pixels, traced once for every batch size."""
-        import tensorflow as tf
-
         if self._forward is None:
             shape = (None, self.image_size, self.image_size, self.channels)
             self._forward = tf.function(
@@ -124,11 +122,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def classify(self, values: list) -> Any:
         """Base64 texts or file bytes -> DataFrame of class, probability, probabilities, error."""
-        import pandas as pd
-
-        from engine.decoding import decode_files
-        from engine.network import class_probabilities
-
         errors: list[str | None] = [None] * len(values)
         probs = np.zeros((len(values), len(self.class_names)))
         with tempfile.TemporaryDirectory(prefix="classify-") as tmp:
@@ -153,39 +146,41 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         rows = []
         for i, error in enumerate(errors):
             if error is not None:
-                rows.append({"class": None, "probability": None, "probabilities": None,
-                             "error": error})  # fmt: skip
+                rows.append(
+                    {"class": None, "probability": None, "probabilities": None, "error": error}
+                )
                 continue
             k = int(probs[i].argmax())
-            rows.append({
-                "class": self.class_names[k], "probability": float(probs[i, k]),
-                "probabilities": dict(zip(self.class_names, map(float, probs[i]), strict=True)),
-                "error": None,
-            })  # fmt: skip
+            probabilities = dict(zip(self.class_names, map(float, probs[i]), strict=True))
+            rows.append(
+                {
+                    "class": self.class_names[k],
+                    "probability": float(probs[i, k]),
+                    "probabilities": probabilities,
+                    "error": None,
+                }
+            )
         columns = ["class", "probability", "probabilities", "error"]
         return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
 def signature():
     """Input: a string column `image` (base64 image files); output: one answer per image."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, DataType, Map, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
-        outputs=Schema([
-            ColSpec(DataType.string, "class", required=False),
-            ColSpec(DataType.double, "probability", required=False),
-            ColSpec(Map(DataType.double), "probabilities", required=False),
-            ColSpec(DataType.string, "error", required=False),
-        ]),
-    )  # fmt: skip
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class", required=False),
+                ColSpec(DataType.double, "probability", required=False),
+                ColSpec(Map(DataType.double), "probabilities", required=False),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
+    )
 
 
 def png_base64(pixels: np.ndarray) -> str:
     """One image (H, W, C) of pixel values 0..255 as base64 PNG text."""
-    import tensorflow as tf
-
     png = tf.io.encode_png(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
     return base64.b64encode(png.numpy()).decode("ascii")
 
@@ -211,8 +206,6 @@ def log_classifier(
     Returns:
         mlflow's ModelInfo.
     """
-    import pandas as pd
-
     image_size, channels = int(example.shape[1]), int(example.shape[3])
     metadata = {
         "class_names": list(class_names),
@@ -246,8 +239,6 @@ def load_classifier(uri: str) -> ImageClassifier:
     A model logged before image input (the Keras network alone, `tensorflow` flavor) is
     wrapped with its metadata, so it answers the same way.
     """
-    import mlflow
-
     info = mlflow.models.get_model_info(uri)
     if "tensorflow" in info.flavors:
         metadata = info.metadata or {}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import lifecycle  # noqa: E402
+from engine import client  # noqa: E402
 from engine.sources import make_demo_data  # noqa: E402
 from tests.conftest import tiny_config, train_and_log  # noqa: E402
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy  # noqa: E402
@@ -58,11 +58,11 @@ def main() -> None:
         try:
             wait_healthy(f"{url}/ping", process, log, timeout=300)
             for _ in range(2):
-                lifecycle.request_predictions(url, paths)
+                client.request_predictions(url, paths)
             seconds = []
             for _ in range(args.requests):
                 started = time.perf_counter()
-                answers = lifecycle.request_predictions(url, paths)
+                answers = client.request_predictions(url, paths)
                 seconds.append(time.perf_counter() - started)
                 assert all(a["error"] is None for a in answers)
         finally:

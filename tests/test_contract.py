@@ -20,13 +20,14 @@ import pytest
 import tensorflow as tf
 from mlflow import MlflowClient
 
-import lifecycle
 import train
 from engine import mlproject
 from engine.config import UserError
 from engine.images import DataInfo
 from engine.network import CONTRACT, build_network
+from engine.prediction import predict
 from engine.training import DATA_CONTRACT, check_data
+from engine.validation import validate
 from tests.conftest import tiny_config, train_and_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,13 +175,13 @@ def test_a_forks_network_trains_registers_validates_and_predicts(
     final_auc = client.get_run(result.run_id).data.metrics["final_val_auc"]
     assert 0.0 <= final_auc <= 1.0
 
-    validation = lifecycle.validate("models:/tiny-classifier/1", cfg, metric="accuracy")
+    validation = validate("models:/tiny-classifier/1", cfg, train.load_data, metric="accuracy")
     assert validation.promoted and validation.candidate.probs.shape[1] == 2
     # validate decides on the test split the run scored once at its end
     test_auc = client.get_run(result.run_id).data.metrics["test_auc"]
     assert validation.candidate.metrics["auc"] == pytest.approx(test_auc)
 
-    output = lifecycle.predict(
+    output = predict(
         "models:/tiny-classifier@champion", [str(tmp_path / "demo")], tmp_path / "preds.csv"
     )
     rows = output.read_text().splitlines()

@@ -17,7 +17,9 @@ from PIL import Image
 
 import lifecycle
 import train
+from engine import prediction, reaping, validation
 from engine.config import UserError
+from engine.registry import resolve_model
 from engine.serving import load_network
 from engine.sources import make_demo_data
 from engine.tracking import export_tf_serving
@@ -29,17 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loss_is_better_when_lower_and_ties_keep_the_champion():
-    assert lifecycle.is_better(0.2, 0.3, "loss")
-    assert not lifecycle.is_better(0.3, 0.2, "loss")
-    assert lifecycle.is_better(0.9, 0.8, "auc")
-    assert not lifecycle.is_better(0.8, 0.8, "auc")
-    assert not lifecycle.is_better(0.81, 0.8, "auc", min_delta=0.05)
+    assert validation.is_better(0.2, 0.3, "loss")
+    assert not validation.is_better(0.3, 0.2, "loss")
+    assert validation.is_better(0.9, 0.8, "auc")
+    assert not validation.is_better(0.8, 0.8, "auc")
+    assert not validation.is_better(0.81, 0.8, "auc", min_delta=0.05)
 
 
 def test_collect_paths_from_folders_files_and_tables(demo_dir, tmp_path):
     images = sorted(str(p) for p in demo_dir.rglob("*.png"))
-    assert lifecycle.collect_paths([str(demo_dir)]) == images
-    assert lifecycle.collect_paths(images[:2]) == images[:2]
+    assert prediction.collect_paths([str(demo_dir)]) == images
+    assert prediction.collect_paths(images[:2]) == images[:2]
 
     table = demo_dir / "batch.csv"  # relative paths, read from the table's folder
     with open(table, "w", newline="") as f:
@@ -47,18 +49,18 @@ def test_collect_paths_from_folders_files_and_tables(demo_dir, tmp_path):
         writer.writerow(["file", "other"])
         for path in images[:3]:
             writer.writerow([Path(path).relative_to(demo_dir), "x"])
-    assert lifecycle.collect_paths([str(table)], path_column="file") == images[:3]
+    assert prediction.collect_paths([str(table)], path_column="file") == images[:3]
     records = tmp_path / "batch.json"
     records.write_text(json.dumps([{"path": p} for p in images[:2]]))
-    assert lifecycle.collect_paths([str(records)]) == images[:2]
+    assert prediction.collect_paths([str(records)]) == images[:2]
 
     with pytest.raises(UserError, match="no column 'path'.*--path-column"):
-        lifecycle.collect_paths([str(table)])
+        prediction.collect_paths([str(table)])
     with pytest.raises(UserError, match="does not exist"):
-        lifecycle.collect_paths([str(tmp_path / "nowhere")])
+        prediction.collect_paths([str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
-        lifecycle.collect_paths([str(tmp_path / "empty")])
+        prediction.collect_paths([str(tmp_path / "empty")])
 
 
 def test_tf_serving_export_answers_like_the_keras_model(tmp_path):
@@ -79,16 +81,20 @@ def test_tf_serving_export_answers_like_the_keras_model(tmp_path):
 
 def test_unknown_model_says_what_exists(tracking_store):
     with pytest.raises(UserError, match="no registered model 'nothing-here'"):
-        lifecycle.resolve_model("models:/nothing-here@champion")
+        resolve_model("models:/nothing-here@champion")
     with pytest.raises(UserError, match="names no version"):
-        lifecycle.resolve_model("models:/nothing-here")
+        resolve_model("models:/nothing-here")
 
 
 def test_reap_runs_marks_only_runs_whose_process_is_gone(tracking_store):
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("reap")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     host = socket.gethostname()
     gone = client.create_run(
         experiment, tags={"process.host": host, "process.pid": dead.stdout.strip()}
@@ -98,16 +104,17 @@ def test_reap_runs_marks_only_runs_whose_process_is_gone(tracking_store):
     )
     quiet = client.create_run(experiment)  # no process tags: judged by inactivity only
 
-    assert lifecycle.reap_runs(["reap"], stale_minutes=60, dry_run=True) == [gone.info.run_id]
+    assert reaping.reap_runs(["reap"], stale_minutes=60, dry_run=True) == [gone.info.run_id]
     assert client.get_run(gone.info.run_id).info.status == "RUNNING"
-    assert lifecycle.reap_runs(["reap"], stale_minutes=60) == [gone.info.run_id]
+    assert reaping.reap_runs(["reap"], stale_minutes=60) == [gone.info.run_id]
     assert client.get_run(gone.info.run_id).info.status == "FAILED"
     assert "has exited" in client.get_run(gone.info.run_id).data.tags["failure_reason"]
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
     assert client.get_run(quiet.info.run_id).info.status == "RUNNING"
-    assert set(lifecycle.reap_runs(["reap"], stale_minutes=0)) == {
-        alive.info.run_id, quiet.info.run_id,
-    }  # fmt: skip
+    assert set(reaping.reap_runs(["reap"], stale_minutes=0)) == {
+        alive.info.run_id,
+        quiet.info.run_id,
+    }
 
 
 def test_cli_errors_are_one_line_and_exit_2(tracking_store, capsys):
@@ -115,6 +122,25 @@ def test_cli_errors_are_one_line_and_exit_2(tracking_store, capsys):
     assert "error: registered model 'none' has no alias 'champion'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         lifecycle.main(["validate", "--metric", "speed"])
+
+
+def test_help_and_request_load_neither_tensorflow_nor_mlflow(tmp_path):
+    """`lifecycle.py --help` and `lifecycle.py request` answer at once: the parser and the
+    HTTP client import no TensorFlow, Keras, MLflow or train.py (checked in a fresh
+    interpreter, since this one has them all)."""
+    image = tmp_path / "cell.png"
+    Image.new("L", (4, 4), 0).save(image)
+    script = f"""
+import sys, lifecycle
+lifecycle.build_parser()
+assert lifecycle.main(["request", "--print-json", {str(image)!r}]) == 0
+heavy = {{"tensorflow", "keras", "mlflow", "train"}} & {{m.split(".")[0] for m in sys.modules}}
+assert not heavy, heavy
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- slow: trained models
@@ -142,7 +168,9 @@ def test_validate_promotes_then_compares_with_the_champion(registry, capsys):
     client = mlflow.MlflowClient(registry["uri"])
     first, second = registry["versions"]
 
-    result = lifecycle.validate("models:/cells/" + first, _data_cfg(registry), metric="accuracy")
+    result = validation.validate(
+        "models:/cells/" + first, _data_cfg(registry), train.load_data, metric="accuracy"
+    )
     assert result.promoted and "no 'champion' yet" in result.reason
     assert str(client.get_model_version_by_alias("cells", "champion").version) == first
     run = client.get_run(result.run_id)
@@ -160,21 +188,24 @@ def test_validate_promotes_then_compares_with_the_champion(registry, capsys):
         )
 
     # A candidate that must win by more than any score can differ: kept, alias unchanged.
-    kept = lifecycle.validate(second, _data_cfg(registry), metric="auc", min_delta=2.0,
-                              model_name="cells")  # fmt: skip
+    cfg = _data_cfg(registry)
+    kept = validation.validate(
+        second, cfg, train.load_data, metric="auc", min_delta=2.0, model_name="cells"
+    )
     assert not kept.promoted and "does not beat" in kept.reason
     assert str(client.get_model_version_by_alias("cells", "champion").version) == first
     assert "champion_auc" in client.get_run(kept.run_id).data.metrics
 
     # A candidate that wins: the alias moves; the decision follows the two scores.
-    won = lifecycle.validate(second, _data_cfg(registry), metric="auc", min_delta=-2.0,
-                             model_name="cells")  # fmt: skip
+    won = validation.validate(
+        second, cfg, train.load_data, metric="auc", min_delta=-2.0, model_name="cells"
+    )
     assert won.promoted and "beats" in won.reason
     assert str(client.get_model_version_by_alias("cells", "champion").version) == second
 
-    assert lifecycle.main(["validate", "--model-name", "cells", "--model", "champion",
-                           "--data-source", "demo", "--data-dir", str(registry["data_dir"]),
-                           "--demo-samples", "48"]) == 0  # fmt: skip
+    argv = ["validate", "--model-name", "cells", "--model", "champion", "--data-source", "demo"]
+    argv += ["--data-dir", str(registry["data_dir"]), "--demo-samples", "48"]
+    assert lifecycle.main(argv) == 0
     assert "KEPT: cells version 2 already is the 'champion'" in capsys.readouterr().out
 
 
@@ -186,15 +217,17 @@ def test_validate_refuses_data_with_other_classes(registry, tmp_path):
             Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
     cfg = tiny_config(data_source="imagedir", data_dir=str(tmp_path))
     with pytest.raises(UserError, match="differ from the classes"):
-        lifecycle.validate("models:/cells/1", cfg)
+        validation.validate("models:/cells/1", cfg, train.load_data)
 
 
 @pytest.mark.slow
 def test_validate_without_a_test_split_says_what_to_give(registry):
     cfg = tiny_config(data_dir=str(registry["data_dir"]), test_split=0.0)
     with pytest.raises(UserError, match="has no test split .* give --test-split above 0"):
-        lifecycle.validate("models:/cells/1", cfg)
-    assert lifecycle.validate("models:/cells/1", cfg, split="validation", promote=False).run_id
+        validation.validate("models:/cells/1", cfg, train.load_data)
+    assert validation.validate(
+        "models:/cells/1", cfg, train.load_data, split="validation", promote=False
+    ).run_id
 
 
 @pytest.mark.slow
@@ -205,7 +238,7 @@ def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     output = tmp_path / "out" / "predictions.csv"
-    lifecycle.predict("models:/cells/1", [str(p) for p in images] + [str(broken)], output)
+    prediction.predict("models:/cells/1", [str(p) for p in images] + [str(broken)], output)
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
     with open(output, newline="") as f:
@@ -228,7 +261,7 @@ def test_export_subcommand_writes_a_loadable_savedmodel(registry, tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-        assert lifecycle.main(["export", "--model", "models:/cells/1",
-                               "--output", str(tmp_path / "cells")]) == 0  # fmt: skip
+        argv = ["export", "--model", "models:/cells/1", "--output", str(tmp_path / "cells")]
+        assert lifecycle.main(argv) == 0
     loaded = tf.saved_model.load(str(tmp_path / "cells" / "1"))
     assert "serving_default" in loaded.signatures

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 import lifecycle
-from engine import serving
+from engine import prediction, serving
 from engine.images import decode_image
 from engine.sources import make_demo_data
 from tests.conftest import module_store, tiny_config, train_and_log
@@ -34,6 +34,7 @@ from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 from tests.test_docker_e2e import docker_engine  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+LIFECYCLE = [sys.executable, str(ROOT / "lifecycle.py")]
 MODEL = "models:/cells/1"
 CLASSES = ["parasitized", "uninfected"]
 
@@ -88,8 +89,9 @@ def test_a_model_logged_before_image_input_answers_the_same_way(tracking_store, 
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.tensorflow.log_model(network, name="model", metadata=metadata)
     Image.new("RGB", (50, 40), (200, 90, 120)).save(tmp_path / "cell.png")
-    answers = serving.load_classifier(info.model_uri).classify([serving.encode_file(
-        tmp_path / "cell.png")])  # fmt: skip
+    answers = serving.load_classifier(info.model_uri).classify(
+        [serving.encode_file(tmp_path / "cell.png")]
+    )
     pixels = decode_image(str(tmp_path / "cell.png"), 32, 3).numpy()[None].astype("float32")
     p1 = float(network.predict(pixels, verbose=0)[0, 0])
     assert answers["class"][0] == CLASSES[int(p1 >= 0.5)]
@@ -140,8 +142,7 @@ def server(registry):
     port = free_port()
     log_path = registry["root"] / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
-    command = [sys.executable, str(ROOT / "lifecycle.py"), "serve", "--model", MODEL,
-               "--port", str(port)]  # fmt: skip
+    command = [*LIFECYCLE, "serve", "--model", MODEL, "--port", str(port)]
     process = spawn(command, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,9 +174,8 @@ def test_signature_and_input_example_make_a_usable_request(registry, server):
     assert info.signature.inputs.to_dict() == [
         {"type": "string", "name": "image", "required": True}
     ]
-    assert {c["name"] for c in info.signature.outputs.to_dict()} == {
-        "class", "probability", "probabilities", "error",
-    }  # fmt: skip
+    outputs = {c["name"] for c in info.signature.outputs.to_dict()}
+    assert outputs == {"class", "probability", "probabilities", "error"}
     assert info.metadata["class_names"] == CLASSES and info.metadata["image_size"] == 32
     # the request the MLflow UI shows: a real PNG, base64, answered as it stands
     example = json.loads(
@@ -194,7 +194,7 @@ def test_served_answer_equals_make_predict_on_the_same_files(registry, images, s
     answers = post(server, body)["predictions"]
 
     output = tmp_path / "predictions.csv"
-    lifecycle.predict(MODEL, [str(p) for p in paths], output)
+    prediction.predict(MODEL, [str(p) for p in paths], output)
     with open(output, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [str(p.resolve()) for p in paths]
@@ -211,15 +211,15 @@ def test_served_answer_equals_make_predict_on_the_same_files(registry, images, s
     # ... and both equal the network on training's own decoding of the files
     expected = network_answers(paths)
     assert [a["class"] for a in answers] == [CLASSES[k] for k in expected.argmax(axis=1)]
-    np.testing.assert_allclose([a["probability"] for a in answers], expected.max(axis=1),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose([a["probability"] for a in answers], expected.max(axis=1), atol=1e-5)
 
     # `python lifecycle.py request` sends the same files and prints the same answers
     printed = subprocess.run(
-        [sys.executable, str(ROOT / "lifecycle.py"), "request", "--url", server,
-         *map(str, paths[:2])],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [*LIFECYCLE, "request", "--url", server, *map(str, paths[:2])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert printed.returncode == 0, printed.stderr[-2000:]
     for path, answer in zip(paths[:2], answers[:2], strict=True):
         assert f"{path}: {answer['class']} ({answer['probability']:.4f})" in printed.stdout
@@ -239,14 +239,16 @@ def test_split_and_inputs_forms_answer_like_records(images, server):
 
 @pytest.mark.slow
 def test_a_bad_image_gets_an_error_and_the_others_their_answers(images, server):
-    body = {"dataframe_records": [
-        {"image": serving.encode_file(images["demo0"])},
-        {"image": serving.encode_file(images["broken.png"])},
-        {"image": "not base64 at all!"},
-        {"image": serving.encode_file(ROOT / "README.md")},
-        {"image": serving.encode_file(images["demo1"])},
-        {"image": serving.encode_file(images["cell.tiff"])},
-    ]}  # fmt: skip
+    body = {
+        "dataframe_records": [
+            {"image": serving.encode_file(images["demo0"])},
+            {"image": serving.encode_file(images["broken.png"])},
+            {"image": "not base64 at all!"},
+            {"image": serving.encode_file(ROOT / "README.md")},
+            {"image": serving.encode_file(images["demo1"])},
+            {"image": serving.encode_file(images["cell.tiff"])},
+        ]
+    }
     answers = post(server, body)["predictions"]
     assert [a["error"] is None for a in answers[:5]] == [True, False, False, False, True]
     # TensorFlow's decoder (training's) does not read TIFF: only that row says so
@@ -255,8 +257,9 @@ def test_a_bad_image_gets_an_error_and_the_others_their_answers(images, server):
     assert "not base64" in answers[2]["error"]
     assert answers[1]["class"] is None and answers[1]["probability"] is None
     expected = network_answers([images["demo0"], images["demo1"]])
-    np.testing.assert_allclose([answers[0]["probability"], answers[4]["probability"]],
-                               expected.max(axis=1), atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [answers[0]["probability"], answers[4]["probability"]], expected.max(axis=1), atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -267,18 +270,18 @@ def test_gray_rgba_other_sizes_and_formats_are_decoded_as_in_training(images, se
     assert all(a["error"] is None for a in answers), answers
     expected = network_answers([images[n] for n in names])
     assert [a["class"] for a in answers] == [CLASSES[k] for k in expected.argmax(axis=1)]
-    np.testing.assert_allclose([a["probability"] for a in answers], expected.max(axis=1),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose([a["probability"] for a in answers], expected.max(axis=1), atol=1e-5)
 
 
 @pytest.mark.slow
 def test_request_command_reports_a_dead_server_in_one_line(images):
     port = free_port()  # nothing listens there
     printed = subprocess.run(
-        [sys.executable, str(ROOT / "lifecycle.py"), "request", "--url",
-         f"http://127.0.0.1:{port}", str(images["demo0"])],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [*LIFECYCLE, "request", "--url", f"http://127.0.0.1:{port}", str(images["demo0"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert printed.returncode == 2
     last_line = printed.stderr.strip().splitlines()[-1]  # TensorFlow logs its start before it
     assert last_line.startswith("error: no answer from") and "Traceback" not in printed.stderr
@@ -314,20 +317,26 @@ def test_build_docker_image_serves_the_same_api(registry, images, tmp_path):
     """
     from tests.test_docker_e2e import LOCAL_BASE
 
-    made = subprocess.run(["bash", str(ROOT / "tests" / "docker_base.sh"), LOCAL_BASE],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    made = subprocess.run(
+        ["bash", str(ROOT / "tests" / "docker_base.sh"), LOCAL_BASE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert made.returncode == 0, made.stdout + made.stderr
     tag = "image-classifier-serving:test"
     mlflow.models.build_docker(
         model_uri=MODEL, name=tag, env_manager="local", base_image=LOCAL_BASE
     )
     port = free_port()
+    # the registry-less base has no nginx: uvicorn answers on 8000 itself
+    options = "-d --rm -e DISABLE_NGINX=true -e UVICORN_HOST=0.0.0.0 -e MLFLOW_MODELS_WORKERS=1"
     container = subprocess.run(
-        # the registry-less base has no nginx: uvicorn answers on 8000 itself
-        ["docker", "run", "-d", "--rm", "-e", "DISABLE_NGINX=true", "-e", "UVICORN_HOST=0.0.0.0",
-         "-e", "MLFLOW_MODELS_WORKERS=1", "-p", f"127.0.0.1:{port}:8000", tag],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        ["docker", "run", *options.split(), "-p", f"127.0.0.1:{port}:8000", tag],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180

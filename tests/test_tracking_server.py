@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-import lifecycle
+from engine.reaping import reap_runs
 from engine.serving import load_network
 from tests.conftest import tiny_config, train_and_log
 from tests.servers import (
@@ -278,7 +278,7 @@ def test_run_of_a_killed_process_is_marked_failed(tmp_path, client_env):
         client = mlflow.MlflowClient(server.url)
         assert client.get_run(run_id).info.status == "RUNNING"
         client_env.setenv("MLFLOW_TRACKING_URI", server.url)
-        reaped = lifecycle.reap_runs(["outage"], stale_minutes=0)
+        reaped = reap_runs(["outage"], stale_minutes=0)
         assert reaped == [run_id]
         run = client.get_run(run_id)
         assert run.info.status == "FAILED"
