@@ -63,16 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="build the image for the code in a folder")
     build.add_argument("--project-dir", type=Path, default=PROJECT_DIR)
     build.add_argument("--base-image", default=os.environ.get("BASE_IMAGE", ""))
-    grid = commands.add_parser("sweep", help="run a grid of parameter values, several at once")
-    grid.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
-    grid.add_argument("--grid", type=Path, help="YAML file of parameter values")
-    grid.add_argument(
+    sweep_command = commands.add_parser(
+        "sweep", help="run a grid of parameter values, several at once"
+    )
+    sweep_command.add_argument("-P", "--param", action="append", default=[], metavar="NAME=V1,V2")
+    sweep_command.add_argument("--grid", type=Path, help="YAML file of parameter values")
+    sweep_command.add_argument(
         "--parallel", type=int, default=0, help="runs at once (default: GPUs, or 2 on the CPU)"
     )
-    grid.add_argument("--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
-    grid.add_argument("--git-url", default="", help="sweep a version from this repository")
-    grid.add_argument("--version", default="", help="the commit, branch or tag to sweep")
-    grid.add_argument(
+    sweep_command.add_argument(
+        "--experiment-name", default=os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    )
+    sweep_command.add_argument("--git-url", default="", help="sweep a version from this repository")
+    sweep_command.add_argument("--version", default="", help="the commit, branch or tag to sweep")
+    sweep_command.add_argument(
         "--retries",
         type=int,
         help="try a failed run again up to this many times, resuming it from its checkpoint "
