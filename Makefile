@@ -67,8 +67,8 @@ clean: ## remove caches and generated demo data (keeps .venv and the tracking st
 	rm -rf .pytest_cache .ruff_cache data/demo
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-# ---- Docker (see doc/ and project_driver.bash) ----
-# The image tag is written once, in MLproject's docker_env; project_driver.py reads it.
+# ---- Docker (see doc/docker.md; project_driver.py is the door, host/ the code) ----
+# The image tag is written once, in MLproject's docker_env; host/image.py reads it.
 # BASE_IMAGE=... builds on another base than the Dockerfile's TensorFlow GPU image.
 BASE_IMAGE ?=
 # EXPERIMENT=name: the MLflow experiment of make run (else MLFLOW_EXPERIMENT_NAME or Default).
@@ -90,9 +90,11 @@ build: $(VENV)/.installed ## build the training image for the code here (tag fro
 	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py build
 
 # run and sweep check the tracking server first, so a server that is down fails in
-# seconds, then build the image for the code they run (seconds when only code changed).
+# seconds, then build the image for the code they run (seconds when only code changed),
+# and start `mlflow run` through one launcher (host/launch.py), which does the retries.
+# ./project_driver.bash is the same run in plain bash, its `mlflow run` there to read.
 run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3"; VERSION=sha)
-	BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(BIN)/python RETRIES=$(RETRIES) ./project_driver.bash $(VERSION_ARGS) \
+	BASE_IMAGE=$(BASE_IMAGE) RETRIES=$(RETRIES) $(BIN)/python project_driver.py run $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"

@@ -25,13 +25,16 @@ from pathlib import Path
 
 import pytest
 
-import project_driver
 from engine import provenance
+from engine.common import PROJECT_DIR
+from host.artifacts import local_folder
+from host.checkout import checkout_version
+from host.image import code_image_tag, read_image_tag
+from host.plan import IMAGE_UID
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
-PROJECT_DIR = Path(project_driver.__file__).resolve().parent
 DEFAULT_BASE = "tensorflow/tensorflow:2.21.0-gpu"
 LOCAL_BASE = "py-tf2-base:bookworm-py311"
 TINY_RUN = [
@@ -123,7 +126,7 @@ def training_image(docker_engine, pytestconfig) -> dict[str, str]:
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     say(pytestconfig, f"make build {' '.join(build_args)}: {time.monotonic() - started:.0f} s")
-    tag = project_driver.read_image_tag()
+    tag = read_image_tag()
     image_id = subprocess.run(
         ["docker", "image", "inspect", "--format", "{{.Id}}", tag],
         capture_output=True,
@@ -139,7 +142,7 @@ def storage(tmp_path) -> Path:
     folder = tmp_path / "storage"
     folder.mkdir()
     if os.geteuid() == 0:
-        os.chown(folder, project_driver.IMAGE_UID, project_driver.IMAGE_UID)
+        os.chown(folder, IMAGE_UID, IMAGE_UID)
     return folder
 
 
@@ -224,7 +227,7 @@ def test_image_holds_the_code_and_nothing_it_should_not(training_image):
     ).stdout  # fmt: skip
     assert f'"code.content_hash":"{identity["content_hash"]}"' in labels
     assert f'"code.commit":"{identity["commit"]}"' in labels
-    code_tag = project_driver.code_image_tag(training_image["tag"], identity["content_hash"])
+    code_tag = code_image_tag(training_image["tag"], identity["content_hash"])
     baked = subprocess.run(
         ["docker", "run", "--rm", code_tag, "cat", provenance.BAKED_FILE],
         capture_output=True, text=True, check=True,
@@ -275,7 +278,7 @@ def test_make_run_trains_in_docker_and_logs_to_the_loopback_server(
     # The container wrote the demo images into the mounted folder as a non-root user.
     written = [path for path in data_dir.rglob("*.png")]
     assert len(written) == 60
-    owner = os.getuid() or project_driver.IMAGE_UID
+    owner = os.getuid() or IMAGE_UID
     assert {path.stat().st_uid for path in written} == {owner}
 
 
@@ -415,7 +418,7 @@ def test_a_version_from_a_git_repository_runs_with_the_same_provenance(
     assert run.data.tags["code.commit"] == run.data.tags["mlflow.source.git.commit"] == version
     assert run.data.tags["mlflow.source.git.repoURL"] == bare.as_uri()
     checkout = tmp_path / "checkout"
-    project_driver.checkout_version(bare.as_uri(), version, checkout)
+    checkout_version(bare.as_uri(), version, checkout)
     assert_ran_the_code(run, checkout)
     started = next(line for line in output.splitlines() if line.startswith("+ mlflow run "))
     assert not Path(started.split()[3]).exists(), "the driver's checkout was not removed"
@@ -457,7 +460,7 @@ def test_make_run_after_quickstart_through_make_server_lands_the_artifacts(
         assert_ran_the_code(run, fork)
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
         assert {"model_summary.txt", "plots"} <= artifacts
-        run_folder = project_driver.local_folder(run.info.artifact_uri)
+        run_folder = local_folder(run.info.artifact_uri)
         assert (run_folder / "model_summary.txt").is_file()
         models = Path(experiment.artifact_location) / "models"  # MLflow 3's logged models
         assert list(models.glob("*/artifacts/MLmodel")), "the logged model did not land"

@@ -243,14 +243,16 @@ def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
 
 
 def test_each_docker_worker_gets_its_own_gpu_the_plan_and_the_settings():
-    import project_driver as driver
+    from host.facts import GpuInfo
+    from host.plan import Plan
+    from host.tune import tune_worker_command
 
-    plan = driver.Plan(tracking_uri="http://127.0.0.1:5000")
+    plan = Plan(tracking_uri="http://127.0.0.1:5000")
     plan.decide({"network": "host"}, "tracking")
     plan.decide({"user": "1000:1000"}, "user")
     plan.decide({"volume": "/storage:/storage"}, "storage")
-    four = driver.GpuInfo(runtime=True, count=4)
-    commands = [driver.tune_worker_command(w, '{"a": 1}', plan, four, "auto", "img:code-1")
+    four = GpuInfo(runtime=True, count=4)
+    commands = [tune_worker_command(w, '{"a": 1}', plan, four, "auto", "img:code-1")
                 for w in range(5)]  # fmt: skip
     for worker, command in enumerate(commands):
         assert command[:3] == ["docker", "run", "--rm"]
@@ -273,9 +275,9 @@ def test_each_docker_worker_gets_its_own_gpu_the_plan_and_the_settings():
     ],
 )
 def test_docker_workers_need_a_shared_storage_and_a_tracking_server(storage, tracking, says):
-    import project_driver as driver
+    from host.tune import tune_storage_problem
 
-    problem = driver.tune_storage_problem(storage, "/storage", tracking)
+    problem = tune_storage_problem(storage, "/storage", tracking)
     assert (says in problem) if says else problem == ""
 
 

@@ -1,0 +1,144 @@
+"""The image: one tag (MLproject, the Makefile and the driver agree), one tag per code
+version, the build command, the base a rebuild keeps, the Dockerfile's layers, and the
+Kubernetes Job that MLflow's own code renders from kubernetes/."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from engine.common import PROJECT_DIR
+from host.image import build_command, code_image_tag, previous_base, read_image_tag
+from tests import host_fakes
+from tests.host_fakes import fake_command
+
+
+@pytest.fixture
+def fake_bin(tmp_path, monkeypatch):
+    return host_fakes.fake_bin(tmp_path, monkeypatch)
+
+
+# ---------------------------------------------------------------------------
+# One image tag: MLproject, the Makefile and the driver agree
+# ---------------------------------------------------------------------------
+
+
+def test_make_build_builds_the_tag_written_in_mlproject_and_one_per_code_version():
+    tag = read_image_tag()
+    assert tag and ":" in tag
+    with_base = subprocess.run(
+        ["make", "-s", "-n", "build", "BASE_IMAGE=debian:bookworm"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "BASE_IMAGE=debian:bookworm" in with_base and "project_driver.py build" in with_base
+    identity = {"commit": "c0ffee" * 6 + "abcd", "dirty": False, "content_hash": "ab12" * 16}
+    command = build_command(PROJECT_DIR, tag, identity, "debian:bookworm")
+    repository = tag.rsplit(":", 1)[0]
+    assert command[:6] == ["docker", "build", "-t", tag, "-t", f"{repository}:code-{'ab12' * 3}"]
+    assert command[-1] == str(PROJECT_DIR)
+    build_args = dict(
+        command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--build-arg"
+    )
+    assert build_args == {
+        "BASE_IMAGE": "debian:bookworm",
+        "CODE_COMMIT": identity["commit"],
+        "CODE_DIRTY": "false",
+        "CODE_CONTENT_HASH": identity["content_hash"],
+        "CODE_IMAGE": f"{repository}:code-{'ab12' * 3}",
+    }
+    # Without BASE_IMAGE the Dockerfile's own base is used.
+    assert "BASE_IMAGE" not in " ".join(build_command(PROJECT_DIR, tag, identity))
+
+
+def test_code_tag_keeps_a_registry_port_and_path():
+    assert code_image_tag("reg:5000/team/img:latest", "f" * 64) == (
+        "reg:5000/team/img:code-ffffffffffff"
+    )
+    assert code_image_tag("reg:5000/img", "f" * 64) == "reg:5000/img:code-ffffffffffff"
+
+
+def test_make_help_lists_the_docker_targets():
+    listing = subprocess.run(
+        ["make", "-s", "help"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    ).stdout
+    listed = {re.sub(r"\x1b\[[0-9;]*m", "", line).split()[0] for line in listing.splitlines()}
+    assert {"build", "run", "sweep", "kube-run", "test-docker"} <= listed
+
+
+def test_dockerfile_base_is_pinned_and_overridable():
+    dockerfile = (PROJECT_DIR / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu\nFROM ${BASE_IMAGE}" in dockerfile
+    requirements = (PROJECT_DIR / "requirements.txt").read_text()
+    assert "tensorflow==2.21.0" in requirements  # the base's TensorFlow, so pip keeps it
+    # The project code is the last thing copied, so editing it rebuilds one layer; only
+    # the identity (labels, the bake step that checks the hash) comes after it.
+    copies = [line for line in dockerfile.splitlines() if line.startswith("COPY")]
+    assert copies[-1].endswith(" . .")
+    after_copy = dockerfile.split(copies[-1])[1]
+    assert "LABEL code.commit=" in after_copy and "engine.provenance bake" in after_copy
+
+
+def test_a_rebuild_keeps_the_base_the_image_was_built_on(fake_bin):
+    fake_command(fake_bin, "docker", "echo py-tf2-base:bookworm-py311\n")
+    assert previous_base("img:latest") == "py-tf2-base:bookworm-py311"
+    fake_command(fake_bin, "docker", "echo '<no value>'\n")  # an image without the label
+    assert previous_base("img:latest") == ""
+    fake_command(fake_bin, "docker", "exit 1\n")  # no image yet
+    assert previous_base("img:latest") == ""
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes: the job MLflow's own code renders from kubernetes/
+# ---------------------------------------------------------------------------
+
+
+def test_kubernetes_job_asks_for_a_gpu_and_carries_image_command_and_tracking(monkeypatch):
+    pytest.importorskip("kubernetes", reason="pip install kubernetes (tests/requirements.txt)")
+    from mlflow.projects import _parse_kubernetes_config
+    from mlflow.projects import kubernetes as kb
+    from mlflow.projects.utils import get_entry_point_command, get_run_env_vars, load_project
+
+    monkeypatch.chdir(PROJECT_DIR)  # the config names the template relative to the project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    monkeypatch.setenv("KUBE_MLFLOW_TRACKING_URI", "http://mlflow.mlflow.svc:5000")
+    config = json.loads((PROJECT_DIR / "kubernetes" / "kubernetes_config.json").read_text())
+    kube_config = _parse_kubernetes_config(config)
+    project = load_project(str(PROJECT_DIR))
+    command = get_entry_point_command(project, "main", {"epochs": "3"}, None)
+    env_vars = get_run_env_vars(run_id="abc123", experiment_id="7")
+
+    job = kb._get_kubernetes_job_definition(
+        project.name,
+        config["repository-uri"] + ":1a2b3c4",
+        "sha256:" + "0" * 64,
+        kb._get_run_command(command),
+        env_vars,
+        kube_config["kube-job-template"],
+    )
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == config["repository-uri"] + ":1a2b3c4@sha256:" + "0" * 64
+    assert container["command"][:2] == ["python", "train.py"]
+    assert container["command"][container["command"].index("--epochs") + 1] == "3"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
+    assert env["MLFLOW_RUN_ID"] == "abc123" and env["MLFLOW_EXPERIMENT_ID"] == "7"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["metadata"]["namespace"]
+
+
+def test_project_name_is_a_valid_kubernetes_name():
+    """MLflow names the Job and its container after MLproject's `name`; Kubernetes
+    accepts only lowercase letters, digits and '-' there (an '_' fails at submit time)."""
+    from mlflow.projects.utils import load_project
+
+    name = load_project(str(PROJECT_DIR)).name
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), (
+        f"MLproject name {name!r} is not a valid Kubernetes name: use '-' instead of '_'"
+    )
