@@ -87,6 +87,8 @@ def predict(
     ref = resolve_model(model, model_name)
     spec = model_spec(ref.uri)
     paths = collect_paths(inputs, path_column)
+    for warning in class_folder_warnings(inputs, spec.class_names):
+        print(warning)
     print(f"predicting {len(paths)} image(s) with {ref} ({spec.image_size}px, {spec.channels} ch)")
     classifier = serving.load_classifier(ref.uri)
     rows, reasons = [], {}
@@ -106,6 +108,29 @@ def predict(
     counts = {name: sum(a["class"] == name for _, a in rows) for name in spec.class_names}
     print(f"wrote {len(rows)} predictions to {output}: {counts}")
     return output
+
+
+def class_folder_warnings(inputs: list[str], class_names: list[str]) -> list[str]:
+    """A warning for each input folder laid out in class folders that are not the model's
+    classes: a fork's images asked of the demo's model answer with the demo's classes.
+
+    Args:
+        inputs: what predict was given (folders, files, tables).
+        class_names: the model's classes.
+    """
+    warnings = []
+    for text in inputs:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            continue
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and image_files(p))
+        if len(subfolders) >= 2 and set(subfolders) != set(class_names):
+            warnings.append(
+                f"warning: {folder} holds class folders [{', '.join(subfolders)}], but the "
+                f"model answers [{', '.join(class_names)}]: is this the model for these "
+                "images? (name another with --model, or MODEL=models:/NAME@ALIAS)"
+            )
+    return warnings
 
 
 def serve_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:

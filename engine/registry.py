@@ -84,7 +84,7 @@ def resolve_model(text: str, default_name: str = DEFAULT_MODEL_NAME) -> ModelRef
         what = f"alias '{alias}'" if alias is not None else f"version {version}"
         raise UserError(
             f"registered model '{name}' has no {what} in {mlflow.get_tracking_uri()}. "
-            f"{known} Train one (python train.py ...), or name another with --model."
+            f"{known} {_how_to_get(known, alias)}"
         ) from err
     return ModelRef(
         uri=f"models:/{name}/{model_version.version}",
@@ -92,6 +92,17 @@ def resolve_model(text: str, default_name: str = DEFAULT_MODEL_NAME) -> ModelRef
         version=str(model_version.version),
         run_id=model_version.run_id,
     )
+
+
+def _how_to_get(known: str, alias: str | None) -> str:
+    """The fix for a missing version or alias: a champion comes from `make validate`."""
+    if alias == "champion" and "There is no registered model" not in known:
+        return (
+            "A version becomes champion when `make validate` (lifecycle.py validate) "
+            "finds it better than the current one: run that first, or name a version "
+            "with --model (e.g. MODEL=models:/NAME@candidate)."
+        )
+    return "Train one (python train.py ...), or name another with --model."
 
 
 def known_versions(client: mlflow.MlflowClient, name: str) -> str:

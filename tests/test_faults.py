@@ -238,3 +238,37 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monk
     monkeypatch.setenv("IMAGE_MAX_MEGAPIXELS", "lots")
     with pytest.raises(Exception, match="IMAGE_MAX_MEGAPIXELS='lots' is not a number"):
         decode_files([str(small)], 16, 3)
+
+
+# ----------------------------------------------------------------------------
+# Which model answers: a fork's data against the demo's model
+# ----------------------------------------------------------------------------
+
+
+def test_predict_warns_when_the_input_class_folders_are_not_the_models_classes(tmp_path):
+    from engine.prediction import class_folder_warnings
+
+    touch_images(tmp_path / "pets" / "cat", ["1.png"])
+    touch_images(tmp_path / "pets" / "dog", ["2.png"])
+    (tmp_path / "pets" / "empty").mkdir()
+    warnings = class_folder_warnings([str(tmp_path / "pets")], ["parasitized", "uninfected"])
+    assert len(warnings) == 1 and "[cat, dog]" in warnings[0] and "--model" in warnings[0]
+    assert class_folder_warnings([str(tmp_path / "pets")], ["cat", "dog"]) == []
+    assert class_folder_warnings([str(tmp_path / "pets" / "cat")], ["a", "b"]) == []
+
+
+def test_a_missing_champion_says_to_run_make_validate_not_to_train(tracking_store):
+    import mlflow
+
+    from engine.config import UserError
+    from engine.registry import resolve_model
+
+    client = mlflow.MlflowClient()
+    client.create_registered_model("demo-model")
+    version = client.create_model_version("demo-model", source="file:///nowhere", run_id=None)
+    client.set_registered_model_alias("demo-model", "candidate", version.version)
+    with pytest.raises(UserError, match="make validate") as caught:
+        resolve_model("champion", "demo-model")
+    assert "Train one" not in str(caught.value)
+    with pytest.raises(UserError, match="Train one"):
+        resolve_model("champion", "no-such-model")
