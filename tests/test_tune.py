@@ -3,12 +3,15 @@ recorded in a real MLflow store; nothing is mocked."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import itertools
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -54,6 +57,45 @@ def epochs_logged(run) -> int:
 
 def load_study(storage: str, name: str):
     return optuna.load_study(study_name=name, storage=tune.open_storage(storage))
+
+
+# ---------------------------------------------------------------- the package's shape
+
+TUNE_DIR = Path(tune.__file__).parent
+
+
+def test_the_tune_modules_import_one_way():
+    """No module of engine/tune imports one that imports it back (graphlib finds cycles)."""
+    graph = {}
+    for path in TUNE_DIR.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[path.stem] = {
+            name.rpartition(".")[2]
+            for name in imported
+            if name.startswith("engine.tune.")
+            and (TUNE_DIR / f"{name.removeprefix('engine.tune.')}.py").exists()
+        }
+    assert graph["settings"] == set() and "worker" in graph["cli"]
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+
+
+def test_importing_engine_tune_loads_no_mlflow_or_tensorflow():
+    """The host imports engine.tune for SETTINGS_ENV and main; --help answers without TF."""
+    script = (
+        "import sys; from engine import tune; tune.main, tune.SETTINGS_ENV, tune.Launcher; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'tensorflow', "
+        "'keras'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=TUNE_DIR.parents[1], capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- bad input, no training
