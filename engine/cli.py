@@ -11,6 +11,27 @@ import warnings
 from engine.config import UserError, parse_config
 
 
+def exit_on_sigterm() -> list[int]:
+    """Make SIGTERM (docker stop, kill, a job scheduler) unwind like an exception, so
+    `with mlflow.start_run()` marks a run FAILED instead of leaving it RUNNING.
+
+    train.py's main, `make tune`'s coordinator and its workers all use this one handler.
+
+    Returns:
+        the signals received so far (the handler appends to it): a SystemExit raised
+        while TensorFlow's C++ was calling back into Python can come out as another
+        exception, so whoever catches exceptions checks it and exits 128 + signal.
+    """
+    signals: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        signals.append(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return signals
+
+
 def main(
     config_cls: type,
     load_data,
@@ -29,15 +50,7 @@ def main(
     # The pipelines drop undecodable files, so their length is unknown until a first
     # pass ends, and Keras then warns that the input "ran out of data". Harmless.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    # SIGTERM (docker stop, kill, a job scheduler) unwinds like an exception, so
-    # `with mlflow.start_run()` marks the run FAILED instead of leaving it RUNNING.
-    signals: list[int] = []
-
-    def stop(signum, frame):
-        signals.append(signum)
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
+    signals = exit_on_sigterm()
     from engine.training import run_training
 
     started = time.time()

@@ -14,23 +14,25 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import mlflow
+import optuna
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
+
+from engine import tune  # noqa: E402 (the project folder is on sys.path only now)
 
 GRID = {"learning_rate": [1e-4, 1e-3, 1e-2], "convolutions": [1, 2]}
 
 
 def measure(name: str, flags: list[str], storage: str, experiment: str) -> dict:
-    import mlflow
-    import optuna
-
-    from engine import tune
-
+    """Run one study through tune.main; its row of the table."""
     started = time.time()
     assert tune.main(["train", "--study-name", name, "--storage", storage, *flags]) == 0
     seconds = time.time() - started
@@ -44,12 +46,14 @@ def measure(name: str, flags: list[str], storage: str, experiment: str) -> dict:
     study = optuna.load_study(study_name=name, storage=tune.open_storage(storage))
     best_run = client.get_run(study.best_trial.user_attrs["mlflow_run_id"])
     return {
-        "search": name, "trials": len(children), "epochs trained": epochs,
+        "search": name,
+        "trials": len(children),
+        "epochs trained": epochs,
         "pruned": sum(r.data.tags.get("tune.pruned") == "true" for r in children),
         "best val_loss": round(study.best_value, 4),
         "its val_accuracy": round(best_run.data.metrics["best_val_accuracy"], 4),
         "wall s": round(seconds),
-    }  # fmt: skip
+    }
 
 
 def main() -> int:
@@ -59,20 +63,18 @@ def main() -> int:
     parser.add_argument("--only", choices=["grid", "tuned"], help="run one of the two")
     parser.add_argument("--prune-after", default="0", help="tune's --prune-after (0: default)")
     args = parser.parse_args()
-    import optuna
-
-    from engine import tune
-
     points = [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         storage = f"{tmp}/studies.journal"
-        common = ["--workers", str(args.workers), "--trials", str(len(points)), "--space", "",
-                  "--param", "learning_rate=1e-4:1e-2:log", "--param", "convolutions=1,2",
-                  "--data-source", "demo", "--data-dir", f"{tmp}/demo", "--demo-samples", "200",
-                  "--image-size", "32", "--epochs", str(args.epochs), "--dense-units", "32",
-                  "--registered-model-name", "", "--export-savedmodel", "false",
-                  "--experiment-name", "bench-tune"]  # fmt: skip
+        common = shlex.split(
+            f"--workers {args.workers} --trials {len(points)} --space '' "
+            "--param learning_rate=1e-4:1e-2:log --param convolutions=1,2 "
+            "--data-source demo --demo-samples 200 --image-size 32 "
+            f"--epochs {args.epochs} --dense-units 32 --registered-model-name '' "
+            "--export-savedmodel false --experiment-name bench-tune"
+        )
+        common += ["--data-dir", f"{tmp}/demo"]
         rows = []
         if args.only != "tuned":
             grid = optuna.create_study(study_name="grid", storage=tune.open_storage(storage))

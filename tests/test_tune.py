@@ -3,11 +3,15 @@ recorded in a real MLflow store; nothing is mocked."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import itertools
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -16,13 +20,17 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from engine import tune
+from host.facts import GpuInfo
+from host.plan import Plan
+from host.tune import tune_storage_problem, tune_worker_command
 from tests.servers import PostgresServer, find_postgres_bindir, free_port
 
 # Small and fast: 32x32 synthetic images, a one-layer CNN unless searched.
-TRAIN_FLAGS = ["--data-source", "demo", "--demo-samples", "64", "--image-size", "32",
-               "--batch-size", "16", "--randomize-images", "false", "--dense-units", "8",
-               "--export-savedmodel", "false", "--system-metrics", "false",
-               "--experiment-name", "tune-tests"]  # fmt: skip
+TRAIN_FLAGS = shlex.split(
+    "--data-source demo --demo-samples 64 --image-size 32 --batch-size 16 "
+    "--randomize-images false --dense-units 8 --export-savedmodel false "
+    "--system-metrics false --experiment-name tune-tests"
+)
 
 
 @pytest.fixture
@@ -53,6 +61,45 @@ def load_study(storage: str, name: str):
     return optuna.load_study(study_name=name, storage=tune.open_storage(storage))
 
 
+# ---------------------------------------------------------------- the package's shape
+
+TUNE_DIR = Path(tune.__file__).parent
+
+
+def test_the_tune_modules_import_one_way():
+    """No module of engine/tune imports one that imports it back (graphlib finds cycles)."""
+    graph = {}
+    for path in TUNE_DIR.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[path.stem] = {
+            name.rpartition(".")[2]
+            for name in imported
+            if name.startswith("engine.tune.")
+            and (TUNE_DIR / f"{name.removeprefix('engine.tune.')}.py").exists()
+        }
+    assert graph["settings"] == set() and "worker" in graph["cli"]
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+
+
+def test_importing_engine_tune_loads_no_mlflow_or_tensorflow():
+    """The host imports engine.tune for SETTINGS_ENV and main; --help answers without TF."""
+    script = (
+        "import sys; from engine import tune; tune.main, tune.SETTINGS_ENV, tune.Launcher; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'tensorflow', "
+        "'keras'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=TUNE_DIR.parents[1], capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- bad input, no training
 
 
@@ -68,8 +115,9 @@ def load_study(storage: str, name: str):
         (["--metric", "val_f1"], ["--metric 'val_f1' is unknown", "val_accuracy"]),
     ],
 )
-def test_bad_input_stops_before_any_trial(tracking_store, tmp_path, demo_flags, capsys, flags,
-                                          says):  # fmt: skip
+def test_bad_input_stops_before_any_trial(
+    tracking_store, tmp_path, demo_flags, capsys, flags, says
+):
     storage = str(tmp_path / "study.journal")
     code = tune.main(["train", "--storage", storage, "--space", "", *flags, *demo_flags])
     err = capsys.readouterr().err
@@ -81,8 +129,7 @@ def test_bad_input_stops_before_any_trial(tracking_store, tmp_path, demo_flags, 
     assert not (tmp_path / "demo").exists()  # no data was loaded
 
 
-def test_an_unreachable_study_database_stops_before_any_trial(tracking_store, demo_flags,
-                                                             capsys):  # fmt: skip
+def test_an_unreachable_study_database_stops_before_any_trial(tracking_store, demo_flags, capsys):
     url = f"postgresql://tuner:secret@127.0.0.1:{free_port()}/studies"
     code = tune.main(["train", "--storage", url, "--param", "dropout=0:0.5", *demo_flags])
     err = capsys.readouterr().err
@@ -94,12 +141,13 @@ def test_an_unreachable_study_database_stops_before_any_trial(tracking_store, de
 
 def test_a_train_flag_pins_a_parameter_and_param_overrides_the_file(tmp_path):
     space_file = tmp_path / "tune.yaml"
-    space_file.write_text("learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
-                          "convolutions: [1, 2, 3]\ndropout: {low: 0.0, high: 0.5}\n")  # fmt: skip
-    settings, workers, trials = tune.prepare([
-        "train", "--space", str(space_file), "--param", "dropout=0.1:0.2", "--workers", "3",
-        "--trials", "7", "--storage", str(tmp_path / "j"), *TRAIN_FLAGS, "--convolutions", "2",
-    ])  # fmt: skip
+    space_file.write_text(
+        "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "convolutions: [1, 2, 3]\ndropout: {low: 0.0, high: 0.5}\n"
+    )
+    argv = ["train", "--space", str(space_file), "--storage", str(tmp_path / "j")]
+    argv += shlex.split("--param dropout=0.1:0.2 --workers 3 --trials 7")
+    settings, workers, trials = tune.prepare([*argv, *TRAIN_FLAGS, "--convolutions", "2"])
     space = {p["name"]: p for p in settings.space}
     assert set(space) == {"learning_rate", "dropout"}  # convolutions pinned by its flag
     assert (space["dropout"]["low"], space["dropout"]["high"]) == (0.1, 0.2)
@@ -118,11 +166,12 @@ def test_workers_pull_trials_into_one_parent_run_and_the_best_is_registered(
     """The done-when command, smaller: 4 trials on 2 workers."""
     storage = str(tmp_path / "study.journal")
     space_file = tmp_path / "tune.yaml"
-    space_file.write_text("learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
-                          "convolutions: [1, 2]\n")  # fmt: skip
-    code = tune.main(["train", "--trials", "4", "--workers", "2", "--storage", storage,
-                      "--study-name", "done-when", "--space", str(space_file), *demo_flags,
-                      "--epochs", "2", "--registered-model-name", "tuned"])  # fmt: skip
+    space_file.write_text(
+        "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\nconvolutions: [1, 2]\n"
+    )
+    argv = ["train", "--storage", storage, "--space", str(space_file), *demo_flags]
+    argv += shlex.split("--trials 4 --workers 2 --study-name done-when --epochs 2")
+    code = tune.main([*argv, "--registered-model-name", "tuned"])
     assert code == 0
     parent, children = parent_and_children("tune-tests")
     assert parent.info.status == "FINISHED"
@@ -171,9 +220,9 @@ def test_a_bad_trial_is_pruned_and_a_study_resumes_after_a_dead_worker(
     tracking_store, tmp_path, demo_flags
 ):
     storage = str(tmp_path / "study.journal")
-    flags = ["train", "--workers", "1", "--storage", storage, "--study-name", "resumed",
-             "--space", "", "--param", "learning_rate=0.0005:10:log", *demo_flags,
-             "--convolutions", "1", "--epochs", "3", "--registered-model-name", ""]  # fmt: skip
+    flags = ["train", "--storage", storage, "--space", "", *demo_flags]
+    flags += shlex.split("--workers 1 --study-name resumed --param learning_rate=0.0005:10:log")
+    flags += ["--convolutions", "1", "--epochs", "3", "--registered-model-name", ""]
     # Two sane trials, then a learning rate of 10, whose loss explodes: the median
     # pruner stops it at its second epoch.
     study = optuna.create_study(study_name="resumed", storage=tune.open_storage(storage))
@@ -194,8 +243,12 @@ def test_a_bad_trial_is_pruned_and_a_study_resumes_after_a_dead_worker(
     assert load_study(storage, "resumed").trials[2].state == TrialState.PRUNED
 
     # A worker died mid-trial: its trial and run were left RUNNING, its pid is gone.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     study = load_study(storage, "resumed")
     orphan = study.ask({"learning_rate": FloatDistribution(0.0005, 10, log=True)})
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.stdout.strip()}")
@@ -224,10 +277,10 @@ def test_a_bad_trial_is_pruned_and_a_study_resumes_after_a_dead_worker(
 def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
     server = PostgresServer(user="tuner", database="studies").start()
     try:
-        code = tune.main(["train", "--trials", "2", "--workers", "2", "--storage", server.url,
-                          "--study-name", "on-postgres", "--space", "", "--param",
-                          "learning_rate=1e-3:1e-2:log", *demo_flags, "--convolutions", "1",
-                          "--epochs", "1", "--registered-model-name", ""])  # fmt: skip
+        argv = ["train", "--storage", server.url, "--space", "", *demo_flags]
+        argv += shlex.split("--trials 2 --workers 2 --study-name on-postgres --convolutions 1")
+        argv += shlex.split("--param learning_rate=1e-3:1e-2:log --epochs 1")
+        code = tune.main([*argv, "--registered-model-name", ""])
         assert code == 0
         study = load_study(server.url, "on-postgres")
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
@@ -243,17 +296,14 @@ def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
 
 
 def test_each_docker_worker_gets_its_own_gpu_the_plan_and_the_settings():
-    from host.facts import GpuInfo
-    from host.plan import Plan
-    from host.tune import tune_worker_command
-
     plan = Plan(tracking_uri="http://127.0.0.1:5000")
     plan.decide({"network": "host"}, "tracking")
     plan.decide({"user": "1000:1000"}, "user")
     plan.decide({"volume": "/storage:/storage"}, "storage")
     four = GpuInfo(runtime=True, count=4)
-    commands = [tune_worker_command(w, '{"a": 1}', plan, four, "auto", "img:code-1")
-                for w in range(5)]  # fmt: skip
+    commands = [
+        tune_worker_command(w, '{"a": 1}', plan, four, "auto", "img:code-1") for w in range(5)
+    ]
     for worker, command in enumerate(commands):
         assert command[:3] == ["docker", "run", "--rm"]
         assert f"--gpus=device={worker % 4}" in command
@@ -275,23 +325,24 @@ def test_each_docker_worker_gets_its_own_gpu_the_plan_and_the_settings():
     ],
 )
 def test_docker_workers_need_a_shared_storage_and_a_tracking_server(storage, tracking, says):
-    from host.tune import tune_storage_problem
-
     problem = tune_storage_problem(storage, "/storage", tracking)
     assert (says in problem) if says else problem == ""
 
 
-def test_sigterm_stops_a_study_its_trials_fail_and_it_continues(tracking_store, tmp_path,
-                                                                demo_flags):  # fmt: skip
+def test_sigterm_stops_a_study_its_trials_fail_and_it_continues(
+    tracking_store, tmp_path, demo_flags
+):
     """A real `python -m engine.tune` stopped mid-trial, as a scheduler or Ctrl-C does."""
     storage = str(tmp_path / "study.journal")
-    flags = ["--workers", "1", "--storage", storage, "--study-name", "stopped", "--space", "",
-             "--param", "learning_rate=1e-3:1e-2:log", *demo_flags, "--convolutions", "1",
-             "--registered-model-name", ""]  # fmt: skip
+    flags = ["--storage", storage, "--space", "", *demo_flags, "--registered-model-name", ""]
+    flags += shlex.split("--workers 1 --study-name stopped --param learning_rate=1e-3:1e-2:log")
+    flags += ["--convolutions", "1"]
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.tune", "train", "--trials", "2", *flags, "--epochs", "50"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     for line in process.stdout:  # stop it once a trial trains
         output.append(line)

@@ -1,4 +1,4 @@
-"""A tuning search space: parameters of the Config, each a range or a list of choices.
+"""A study's search space: parameters of the Config, each a range or a list of choices.
 
 Written in tune.yaml, one parameter per top-level key:
 
@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from engine.config import UserError, field_type, parse_bool
 
@@ -52,6 +54,7 @@ class Param:
         return [cast(self.low), cast(self.high)]
 
     def describe(self) -> str:
+        """The parameter and its range or choices, as a line of the study's header."""
         if self.choices is not None:
             return f"{self.name} in {self.choices}"
         return f"{self.name} in [{self.low}, {self.high}]" + (" (log)" if self.log else "")
@@ -83,15 +86,8 @@ def make_param(name: str, spec: Any, config_cls: type) -> Param:
         if not spec:
             raise UserError(f"tune parameter {name} has an empty list of choices")
         return Param(name, kind, choices=[_cast(name, kind, v) for v in spec])
-    if (
-        not isinstance(spec, dict)
-        or set(spec) - {"low", "high", "log"}
-        or not {
-            "low",
-            "high",
-        }
-        <= set(spec)
-    ):
+    keys = set(spec) if isinstance(spec, dict) else set()
+    if not isinstance(spec, dict) or keys - {"low", "high", "log"} or not {"low", "high"} <= keys:
         raise UserError(
             f"tune parameter {name}: write a range as {{low: A, high: B}} (optionally "
             f"log: true) or choices as a list [a, b, c], got {spec!r}"
@@ -154,8 +150,6 @@ def load_space(
     Raises:
         UserError: a bad file, name, range or choice list.
     """
-    import yaml
-
     raw: dict[str, Any] = {}
     if path is not None and path.exists():
         try:
