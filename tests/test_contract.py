@@ -24,9 +24,9 @@ import lifecycle
 import train
 from engine import mlproject
 from engine.config import UserError
+from engine.data_contract import DATA_CONTRACT, check_data
 from engine.images import DataInfo
 from engine.network import CONTRACT, build_network
-from engine.training import DATA_CONTRACT, check_data
 from tests.conftest import tiny_config, train_and_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,8 +271,9 @@ import keras
 assert keras.mixed_precision.global_policy().name == "float32"
 print("unchanged")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-2000:]
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import train
+from engine.balance import class_weights, init_output_bias, warn_imbalance
 from engine.config import UserError
 from engine.images import DataInfo, split_indices
-from engine.training import class_weights, init_output_bias, warn_imbalance
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.example

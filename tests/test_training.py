@@ -18,14 +18,15 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
-from engine import training
+from engine import devices
 from engine.checkpoints import STATE_FILE
 from engine.config import UserError
+from engine.devices import choose_strategy, compute_dtype, set_precision
 from engine.evaluation import classification_metrics
 from engine.network import class_probabilities
+from engine.scoring import predict_probabilities
 from engine.serving import load_network
 from engine.tracking import check_tracking_uri
-from engine.training import choose_strategy, compute_dtype, predict_probabilities, set_precision
 from tests.conftest import tiny_config, train_and_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +66,8 @@ def test_strategy_prefetches_to_the_one_gpu(monkeypatch):
     assert choose_strategy(tiny_config()) is tf.distribute.get_strategy()  # no GPU here
     # with one GPU (the CPU stands in for it), or several and --distribute false:
     # OneDeviceStrategy, whose input pipeline copies batches onto the device ahead
-    for devices, distribute in ((["/cpu:0"], True), (["/cpu:0", "/cpu:1"], False)):
-        monkeypatch.setattr(training, "gpu_devices", lambda devices=devices: devices)
+    for gpus, distribute in ((["/cpu:0"], True), (["/cpu:0", "/cpu:1"], False)):
+        monkeypatch.setattr(devices, "gpu_devices", lambda gpus=gpus: gpus)
         strategy = choose_strategy(tiny_config(distribute=distribute))
         assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
         assert strategy.extended.worker_devices[0].endswith("CPU:0")
@@ -146,7 +147,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs(tracking_store, tmp_p
 def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     # the one-GPU path, OneDeviceStrategy, with the CPU standing in for the GPU
-    monkeypatch.setattr(training, "gpu_devices", lambda: ["/cpu:0"])
+    monkeypatch.setattr(devices, "gpu_devices", lambda: ["/cpu:0"])
     result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"), epochs=3))
     client = MlflowClient()
     for name in ("epoch_seconds", "images_per_second"):
