@@ -106,13 +106,16 @@ def test_an_unknown_monitor_is_refused_before_any_run():
 
 @pytest.mark.slow
 def test_the_registered_model_is_the_best_epoch(tracking_store, tmp_path, capsys):
-    cfg = tiny_config(data_dir=str(tmp_path / "demo"), epochs=4, learning_rate=0.02,
-                      lr_schedule="constant")  # fmt: skip
+    cfg = tiny_config(
+        data_dir=str(tmp_path / "demo"), epochs=4, learning_rate=0.02, lr_schedule="constant"
+    )
     result = train_and_log(cfg)
     client = MlflowClient()
     run = client.get_run(result.run_id)
-    val_loss = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_loss"),
-                                        key=lambda m: m.step)]  # fmt: skip
+    val_loss = [
+        m.value
+        for m in sorted(client.get_metric_history(result.run_id, "val_loss"), key=lambda m: m.step)
+    ]
     best = int(np.argmin(val_loss))
     assert run.data.metrics["best_epoch"] == best == result.best_epoch
     assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best])
@@ -162,8 +165,8 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
     # the test split: scored once, at the end, with its own plots
     assert (params["train_count"], params["val_count"], params["test_count"]) == ("34", "10", "4")
     assert params["class_counts.test"] == "parasitized=2, uninfected=2"
-    for name in ("test_accuracy", "test_auc", "test_loss", "test_balanced_accuracy",
-                 "test_recall_parasitized", "test_precision_uninfected"):  # fmt: skip
+    once = "test_accuracy test_auc test_loss test_balanced_accuracy test_recall_parasitized"
+    for name in [*once.split(), "test_precision_uninfected"]:
         assert len(client.get_metric_history(result.run_id, name)) == 1, name
     assert result.test_metrics["test_accuracy"] == metrics["test_accuracy"]
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots/test")}
@@ -176,13 +179,13 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
 
 
 def _train_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--data-source", "demo",
-            "--data-dir", str(tmp_path / "demo"), "--demo-samples", "600", "--image-size", "32",
-            "--convolutions", "1", "--dense-units", "8", "--batch-size", "8",
-            "--randomize-images", "false", "--experiment-name", "resume",
-            "--registered-model-name", "resumed", "--export-savedmodel", "false",
-            "--system-metrics", "false", "--checkpoint-dir", str(tmp_path / "ckpt"),
-            *extra]  # fmt: skip
+    flags = (
+        "--data-source demo --demo-samples 600 --image-size 32 --convolutions 1 --dense-units 8 "
+        "--batch-size 8 --randomize-images false --experiment-name resume "
+        "--registered-model-name resumed --export-savedmodel false --system-metrics false"
+    )
+    folders = ["--data-dir", str(tmp_path / "demo"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    return [sys.executable, str(ROOT / "train.py"), *flags.split(), *folders, *extra]
 
 
 def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: float = 240) -> str:
@@ -204,8 +207,13 @@ def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: fl
 def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_store}
     started = time.monotonic()
-    process = subprocess.Popen(_train_command(tmp_path, "--epochs", "8"), env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        _train_command(tmp_path, "--epochs", "8"),
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     run_id = _wait_for_epoch(process, tmp_path / "ckpt", epoch=2)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -215,8 +223,13 @@ def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so
     first = time.monotonic() - started
 
-    done = subprocess.run(_train_command(tmp_path, "--resume-run-id", run_id), env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        _train_command(tmp_path, "--resume-run-id", run_id),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming run {run_id} after epoch {killed_after + 1} of 8" in done.stdout
     assert f"run_id: {run_id}" in done.stdout
@@ -236,8 +249,13 @@ def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
 @pytest.mark.slow
 def test_sigterm_leaves_a_failed_run_that_says_how_to_resume(tracking_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_store}
-    process = subprocess.Popen(_train_command(tmp_path, "--epochs", "30"), env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        _train_command(tmp_path, "--epochs", "30"),
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     run_id = _wait_for_epoch(process, tmp_path / "ckpt", epoch=0)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
