@@ -11,7 +11,7 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train tune ui load_tfdata mlproject test lint format bench cache-clean clean
+.PHONY: help env quickstart train tune ui load_tfdata mlproject test test-fast lint format bench cache-clean clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ mlproject: $(VENV)/.installed ## rewrite MLproject's main entry point from train
 
 test: $(VENV)/.installed ## run the test suite (slow tests skip with a reason where Docker or PostgreSQL is missing)
 	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(VENV)/.installed ## run the fast tier: no Docker, no PostgreSQL, nothing marked slow (minutes)
+	$(BIN)/python -m pytest -m "not slow and not docker and not postgres" $(ARGS)
 
 lint: $(VENV)/.installed ## check code style with ruff
 	$(BIN)/ruff check .

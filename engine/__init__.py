@@ -2,24 +2,33 @@
 
 train.py hands its Config class and its two functions to the engine, e.g.
 `engine.cli.main(Config, load_data, define_network)`; nothing in this package
-imports train.py or lifecycle.py. One module per concern:
+imports train.py, lifecycle.py, project_driver.py or host/. One module per concern:
 
-    config      RunConfig (the engine's own knobs), UserError, flags made from a Config
-    images      splitting, skipped-file reports; the tf.data pipelines every source ends in
-    decoding    decode and resize: the one definition training, the cache and predict share
-    cache       the decoded-image cache every run shares (--cache-dir)
-    sources     the built-in data sources: imagedir, dataframe, arrays, tfds, demo
-    network     the network contract: checked before a run, compiled when uncompiled
-    evaluation  metrics (scikit-learn) and plots
-    tracking    where runs go, per-epoch metrics, logging and registering the model
-    serving     the registered model: base64 image files in, class names out
-    training    run_training(cfg, load_data, define_network)
-    checkpoints the best epoch, per-epoch checkpoints and resuming a run
-    provenance  which code a folder or image holds; stops a run on the wrong code
-    cli         main(): flags, errors without tracebacks, signals
-    mlproject   the MLproject `main` entry point, written from a Config
+    config        RunConfig (the engine's own knobs), UserError, flags made from a Config
+    common        light helpers host and container share (project folder, storage, URIs)
+    images        splitting, skipped-file reports; the tf.data pipelines every source ends in
+    decoding      decode and resize: the one definition training, the cache and predict share
+    cache         the decoded-image cache every run shares (--cache-dir)
+    sources       the built-in data sources, one import path for the two modules below
+    file_sources  image files: imagedir, dataframe (a table of paths), demo
+    array_sources images as arrays: arrays (.npz/HDF5), tfds
+    data_contract load_data's contract, checked before a run
+    network       the network contract: checked before a run, compiled when uncompiled
+    balance       imbalanced classes: a warning, class weights, a sigmoid's prior bias
+    devices       the distribution strategy and the compute dtype
+    evaluation    metrics (scikit-learn) and plots
+    scoring       the chosen model scored once on validation and test, logged
+    tracking      where runs go, per-epoch metrics, logging and registering the model
+    serving       the registered model: base64 image files in, class names out
+    training      run_training(cfg, load_data, define_network), phase by phase
+    checkpoints   the best epoch, per-epoch checkpoints and restoring them
+    resuming      a crashed run reopened: its config, its missing epochs, how to resume
+    provenance    which code a folder or image holds; stops a run on the wrong code
+    dockerignore  which files `docker build` sends, read the way Docker reads them
+    cli           main(): flags, errors without tracebacks, signals
+    mlproject     the MLproject `main` entry point, written from a Config
     search_space  tune.yaml and --param: the parameters a study searches, checked
-    tune        `make tune`: an Optuna study, its MLflow parent run, the best model
+    tune          `make tune`: an Optuna study, its MLflow parent run, the best model
     tune_workers  the worker loop (ask, train, tell) and the pruning callback
 
 Importing `engine` (or any module of it) sets nothing: no environment variable,

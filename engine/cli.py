@@ -7,8 +7,12 @@ import signal
 import sys
 import time
 import warnings
+from typing import TYPE_CHECKING
 
-from engine.config import UserError, parse_config
+from engine.config import RunConfig, UserError, parse_config
+
+if TYPE_CHECKING:
+    from engine.training import TrainResult
 
 
 def exit_on_sigterm() -> list[int]:
@@ -51,6 +55,8 @@ def main(
     # pass ends, and Keras then warns that the input "ran out of data". Harmless.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     signals = exit_on_sigterm()
+    # Imported once the flags are parsed and TF_CPP_MIN_LOG_LEVEL is set: it loads
+    # TensorFlow and MLflow, which --help and a bad flag never need.
     from engine.training import run_training
 
     started = time.time()
@@ -66,20 +72,31 @@ def main(
             print(f"stopped by signal {signals[0]}", file=sys.stderr)
             return 128 + signals[0]
         raise
-    print(f"\ndone in {time.time() - started:.0f} s")
+    print_summary(cfg, result, time.time() - started)
+    return 0
+
+
+def print_summary(cfg: RunConfig, result: TrainResult, seconds: float) -> None:
+    """What a user needs after a run: its id, the model version, the scores, where to look."""
+    print(f"\ndone in {seconds:.0f} s")
     print(f"run_id: {result.run_id}")
     if result.model_version:
-        print(f"registered model: {cfg.registered_model_name} version {result.model_version}"
-              + (f" (alias {cfg.model_alias})" if cfg.model_alias else ""))  # fmt: skip
+        print(
+            f"registered model: {cfg.registered_model_name} version {result.model_version}"
+            + (f" (alias {cfg.model_alias})" if cfg.model_alias else "")
+        )
     print(f"best_epoch: {result.best_epoch + 1}")
     if "val_accuracy" in result.metrics:
         print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
     if "test_accuracy" in result.test_metrics:
-        print(f"test_accuracy: {result.test_metrics['test_accuracy']:.4f} "
-              "(the test split: no choice was made on it)")  # fmt: skip
+        print(
+            f"test_accuracy: {result.test_metrics['test_accuracy']:.4f} "
+            "(the test split: no choice was made on it)"
+        )
     if result.tracking_uri.startswith("sqlite:"):
-        print(f"see it: make ui, or mlflow ui --backend-store-uri {result.tracking_uri} "
-              "--port 5000, then open http://127.0.0.1:5000")  # fmt: skip
+        print(
+            f"see it: make ui, or mlflow ui --backend-store-uri {result.tracking_uri} "
+            "--port 5000, then open http://127.0.0.1:5000"
+        )
     else:
         print(f"see it: {result.tracking_uri}")
-    return 0

@@ -17,8 +17,13 @@ from typing import Any
 # auto/float32.
 PRECISIONS = ("auto", "bfloat16", "float16", "float32", "true", "false")
 # The metrics that can pick the best epoch, and whether lower is better.
-MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_auc": "max",
-            "val_precision": "max", "val_recall": "max"}  # fmt: skip
+MONITORS = {
+    "val_loss": "min",
+    "val_accuracy": "max",
+    "val_auc": "max",
+    "val_precision": "max",
+    "val_recall": "max",
+}
 
 
 class UserError(Exception):

@@ -10,6 +10,7 @@ images go through the shared disk cache (engine.cache).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -101,8 +102,15 @@ def require_classes(labels, class_names: list[str]) -> None:
 
 SPLITS = ("train", "val", "test")
 # names a table's split column may use for each split
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+SPLIT_ALIASES = {
+    alias: split
+    for split, aliases in {
+        "train": ("train", "training"),
+        "val": ("val", "valid", "validation", "dev"),
+        "test": ("test", "testing"),
+    }.items()
+    for alias in aliases
+}
 
 
 def _stratified(
@@ -251,14 +259,21 @@ def files_pipeline(
         return memory_pipeline(images, all_labels, cfg, training, readable[idx])
 
     kept_paths = [paths[i] for i in readable]
-    table = {"path": kept_paths, "label": [class_names[i] for i in labels_arr],
-             "split": _split_names(len(kept_paths), parts)}  # fmt: skip
+    table = {
+        "path": kept_paths,
+        "label": [class_names[i] for i in labels_arr],
+        "split": _split_names(len(kept_paths), parts),
+    }
     # the digest covers each file's key, so an edited image changes it
     rows = zip([keys[i] for i in readable], table["label"], table["split"], strict=True)
     # the common folder of the lexically first and last paths is every path's
     folder = os.path.commonpath([min(kept_paths), max(kept_paths)])
-    lineage = {"name": source or "images", "source": folder, "table": table,
-               "digest": text_digest("\t".join(row) + "\n" for row in rows)}  # fmt: skip
+    lineage = {
+        "name": source or "images",
+        "source": folder,
+        "table": table,
+        "digest": text_digest("\t".join(row) + "\n" for row in rows),
+    }
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
 
 
@@ -266,10 +281,17 @@ def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, linea
     """(train_ds, val_ds, info) from a pipeline(indices, training) function and a split."""
     train, val, test = parts
     info = DataInfo(
-        image_shape(cfg), list(class_names), len(train), len(val), skipped, source,
-        test_count=len(test), class_counts=class_counts(labels, parts, len(class_names)),
-        test_ds=pipeline(test, False) if len(test) else None, lineage=lineage,
-    )  # fmt: skip
+        image_shape=image_shape(cfg),
+        class_names=list(class_names),
+        train_count=len(train),
+        val_count=len(val),
+        skipped_files=skipped,
+        source=source,
+        test_count=len(test),
+        class_counts=class_counts(labels, parts, len(class_names)),
+        test_ds=pipeline(test, False) if len(test) else None,
+        lineage=lineage,
+    )
     return pipeline(train, True), pipeline(val, False), info
 
 
@@ -304,8 +326,6 @@ def arrays_pipeline(
 
 def text_digest(lines) -> str:
     """A short content hash of lines of text."""
-    import hashlib
-
     digest = hashlib.sha256()
     for line in lines:
         digest.update(line.encode())
@@ -314,8 +334,6 @@ def text_digest(lines) -> str:
 
 def array_digest(*arrays: np.ndarray) -> str:
     """A short content hash of arrays (shape, dtype and every byte)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(f"{array.shape}{array.dtype}".encode())

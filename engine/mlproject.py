@@ -21,6 +21,8 @@ from engine.config import field_type
 
 BEGIN = "  # ---- main: written by `make mlproject` from train.Config; do not edit by hand ----"
 END = "  # ---- end main ----"
+# Bare words YAML would read as a boolean or null, not as the text: written quoted.
+_YAML_WORDS = ("true", "false", "yes", "no", "on", "off", "null")
 _MLPROJECT_TYPES = {"int": "int", "float": "float", "str": "string", "bool": "bool"}
 
 
@@ -32,9 +34,7 @@ def _yaml_value(value: object) -> str:
     text = str(value)
     if text == "":
         return "''"
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-/]*", text) and text.lower() not in (
-        "true", "false", "yes", "no", "on", "off", "null",
-    ):  # fmt: skip
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-/]*", text) and text.lower() not in _YAML_WORDS:
         return text
     return json.dumps(text)
 
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     wanted = update(current, _load(args.config))
     if args.check:
         if current != wanted:
-            print(f"{path} is stale: its main entry point differs from {args.config}; "
-                  "run `make mlproject`", file=sys.stderr)  # fmt: skip
+            print(
+                f"{path} is stale: its main entry point differs from {args.config}; "
+                "run `make mlproject`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{path} matches {args.config}")
         return 0

@@ -96,6 +96,25 @@ def build_network(
     return model, Head(head.units, sparse)
 
 
+def check_monitor(
+    model: keras.Model, val_ds: tf.data.Dataset, head: Head, num_classes: int, monitor: str
+) -> None:
+    """The monitored metric must be one the compiled model reports; checked on one batch.
+
+    Raises:
+        UserError: naming the metrics the model does report.
+    """
+    names = model.evaluate(
+        encode_labels(val_ds.take(1), head, num_classes), verbose=0, return_dict=True
+    )
+    if monitor.removeprefix("val_") not in names:
+        raise UserError(
+            f"monitor '{monitor}' is not reported by the compiled model, whose metrics are "
+            f"{', '.join('val_' + n for n in sorted(names))}; set --monitor to one of those, "
+            "or compile the model with that metric"
+        )
+
+
 def check_outputs(model: keras.Model, input_shape: tuple[int, ...], num_classes: int) -> Head:
     """Run the model on two random images; its outputs must be probabilities of the right shape."""
     images = np.random.default_rng(0).uniform(0, 255, (2, *input_shape)).astype("float32")

@@ -6,10 +6,11 @@ holds. This module makes the two meet:
 
 - `code_identity(project_dir)` says which code a folder holds: a content hash of exactly
   the files that `docker build` sends (the folder's `.dockerignore` decides, read the way
-  Docker reads it), and the git commit, with `dirty` when those files differ from it. The
-  same function runs on the host (`make build` bakes its answer into the image, as labels
-  and as `.code_identity.json`) and in the container, where there is no `.git`: there the
-  commit comes from the baked file, and only while the code present still hashes the same.
+  Docker reads it, engine.dockerignore), and the git commit, with `dirty` when those
+  files differ from it. The same function runs on the host (`make build` bakes its
+  answer into the image, as labels and as `.code_identity.json`) and in the container,
+  where there is no `.git`: there the commit comes from the baked file, and only while
+  the code present still hashes the same.
 - `check_and_tag(run_id, project_dir)` runs at the start of a run: it stops the run
   (`UserError`) when the code present is not the code the run is tagged with, or
   when the run's artifacts could not land, and otherwise tags the run with what it
@@ -31,12 +32,11 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from engine import dockerignore
 from engine.common import local_path
 from engine.config import UserError
 
@@ -47,117 +47,12 @@ EXPECTED_HASH_ENV = "CODE_EXPECTED_CONTENT_HASH"
 UNKNOWN = "unknown"
 
 
-# ----------------------------------------------------------------------------
-# Which files: .dockerignore, read the way Docker reads it
-# ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Pattern:
-    text: str  # cleaned, without the leading "!"
-    include: bool  # a "!pattern" line lets files back in
-    regex: re.Pattern
-
-
-def _translate(pattern: str) -> str:
-    """A .dockerignore pattern as a regex (moby/patternmatcher's rules: `*` and `?` stop
-    at "/", `**` crosses folders)."""
-    out, i = "", 0
-    while i < len(pattern):
-        char = pattern[i]
-        if pattern.startswith("**", i):
-            i += 2
-            if pattern.startswith("/", i):
-                i += 1
-            out += ".*" if i >= len(pattern) else "(.*/)?"
-            continue
-        if char == "*":
-            out += "[^/]*"
-        elif char == "?":
-            out += "[^/]"
-        elif char == "\\" and i + 1 < len(pattern):
-            i += 1
-            out += re.escape(pattern[i])
-        elif char in "[]":
-            out += char
-        else:
-            out += re.escape(char)
-        i += 1
-    return out
-
-
-def _read_patterns(project_dir: Path) -> list[_Pattern]:
-    """The folder's .dockerignore lines, cleaned as `docker build` cleans them."""
-    path = project_dir / ".dockerignore"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    patterns = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        include = line.startswith("!")
-        text = os.path.normpath(line[1:].strip() if include else line).lstrip("/")
-        if text and text != ".":
-            patterns.append(_Pattern(text, include, re.compile(f"^{_translate(text)}$")))
-    return patterns
-
-
-def _last_match(path: str, patterns: list[_Pattern]) -> int:
-    """Index of the last pattern matching `path` or one of its parent folders, else -1."""
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    last = -1
-    for index, pattern in enumerate(patterns):
-        if any(pattern.regex.match(prefix) for prefix in prefixes):
-            last = index
-    return last
-
-
-def _is_sent(path: str, patterns: list[_Pattern]) -> bool:
-    """Does `docker build` send this path (relative, "/"-separated)? The last match wins."""
-    last = _last_match(path, patterns)
-    return last < 0 or patterns[last].include
-
-
-def _may_hold_sent_files(folder: str, patterns: list[_Pattern]) -> bool:
-    """Is a folder worth walking: sent itself, or could a later "!pattern" let a file in?"""
-    last = _last_match(folder, patterns)
-    if last < 0 or patterns[last].include:
-        return True
-    depth = folder.count("/") + 1
-    for pattern in patterns[last + 1 :]:
-        if not pattern.include:
-            continue
-        if "**" in pattern.text:
-            return True
-        parts = pattern.text.split("/")
-        if len(parts) > depth and re.match(f"^{_translate('/'.join(parts[:depth]))}$", folder):
-            return True
-    return False
-
-
 def context_files(project_dir: str | Path) -> list[str]:
     """The files `docker build` sends from this folder: relative "/" paths, sorted.
 
-    Folders that .dockerignore leaves out (.venv, data, .git) are not walked, so a
-    gigabyte .venv costs nothing. `.code_identity.json` is never counted.
+    .dockerignore decides (engine.dockerignore); `.code_identity.json` is never counted.
     """
-    root = Path(project_dir)
-    patterns = _read_patterns(root)
-    found = []
-
-    def walk(folder: Path, relative: str) -> None:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                path = f"{relative}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
-                    if _may_hold_sent_files(path, patterns):
-                        walk(Path(entry.path), path + "/")
-                elif _is_sent(path, patterns) and path != BAKED_FILE:
-                    found.append(path)
-
-    walk(root, "")
-    return sorted(found)
+    return dockerignore.sent_files(project_dir, leave_out={BAKED_FILE})
 
 
 # ----------------------------------------------------------------------------
@@ -198,11 +93,15 @@ def _git_commit(project_dir: Path, blobs: dict[str, str]) -> tuple[str, bool] | 
     listing = _git(project_dir, "ls-tree", "-r", "-z", "HEAD")
     if not head or listing is None:
         return None
-    patterns = _read_patterns(project_dir)
+    patterns = dockerignore.read_patterns(project_dir)
     committed = {}
     for entry in filter(None, listing.split("\0")):
         meta, path = entry.split("\t", 1)
-        if meta.split()[1] == "blob" and _is_sent(path, patterns) and path != BAKED_FILE:
+        if (
+            meta.split()[1] == "blob"
+            and dockerignore.is_sent(path, patterns)
+            and path != BAKED_FILE
+        ):
             committed[path] = meta.split()[2]
     return head.strip(), committed != blobs
 
@@ -349,6 +248,7 @@ def check_and_tag(run_id: str, project_dir: str | Path, client=None) -> dict:
             end the run, which MLflow then marks FAILED.
     """
     if client is None:
+        # MLflow takes about a second to import; the host (make build, the driver) needs none
         from mlflow import MlflowClient
 
         client = MlflowClient()
@@ -413,6 +313,11 @@ def bake(project_dir: Path, commit: str, dirty: bool, content_hash: str, image: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`identity` prints a folder's code identity; `bake` writes it (the Dockerfile's step).
+
+    Returns:
+        0, or 2 for a user error (its message printed).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     identity = commands.add_parser("identity", help="print the identity of a folder's code")
@@ -428,10 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "identity":
             print(json.dumps(code_identity(args.project_dir), indent=1))
         else:
-            baked = bake(
-                Path(args.project_dir), args.commit, args.dirty == "true", args.content_hash,
-                args.image,
-            )  # fmt: skip
+            dirty = args.dirty == "true"
+            project_dir = Path(args.project_dir)
+            baked = bake(project_dir, args.commit, dirty, args.content_hash, args.image)
             print(f"baked {describe(baked)} into {BAKED_FILE} ({len(baked['files'])} files)")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -25,6 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-imbalance-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    # Imported after the flags are parsed: --help answers without loading TensorFlow.
     import train
     from engine.sources import make_demo_data
     from engine.training import run_training
@@ -37,20 +38,33 @@ def main() -> None:
     for seed in args.seeds:
         for weight in ("none", "balanced"):
             cfg = dataclasses.replace(
-                train.Config(), data_source="imagedir", data_dir=str(data), image_size=32,
-                convolutions=2, dense_units=16, epochs=6, batch_size=64, learning_rate=0.002,
-                randomize_images=False, class_weight=weight, seed=seed,
-                experiment_name="imbalance", registered_model_name="",
-                export_savedmodel=False, system_metrics=False,
-            )  # fmt: skip
+                train.Config(),
+                data_source="imagedir",
+                data_dir=str(data),
+                image_size=32,
+                convolutions=2,
+                dense_units=16,
+                epochs=6,
+                batch_size=64,
+                learning_rate=0.002,
+                randomize_images=False,
+                class_weight=weight,
+                seed=seed,
+                experiment_name="imbalance",
+                registered_model_name="",
+                export_savedmodel=False,
+                system_metrics=False,
+            )
             scores = run_training(cfg, train.load_data, train.define_network).test_metrics
             rows.append((seed, weight, scores))
     print("\n| seed | class_weight | minority recall | majority recall | balanced acc. | acc. |")
     print("|---|---|---|---|---|---|")
     for seed, weight, s in rows:
-        print(f"| {seed} | {weight} | {s['test_recall_parasitized']:.3f} | "
-              f"{s['test_recall_uninfected']:.3f} | {s['test_balanced_accuracy']:.3f} | "
-              f"{s['test_accuracy']:.3f} |")  # fmt: skip
+        print(
+            f"| {seed} | {weight} | {s['test_recall_parasitized']:.3f} | "
+            f"{s['test_recall_uninfected']:.3f} | {s['test_balanced_accuracy']:.3f} | "
+            f"{s['test_accuracy']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,16 +45,16 @@ def epoch_rate(ds, started: float) -> tuple[float, int]:
 
 
 def naive_baseline(paths, labels, cfg) -> tuple[float, float, float]:
-    import tensorflow as tf
-
     def generate():
         for path, label in zip(paths, labels, strict=True):
             with Image.open(path) as image:
                 image = image.convert("RGB").resize((cfg.image_size, cfg.image_size))
                 yield np.asarray(image, dtype=np.float32), label
 
-    spec = (tf.TensorSpec((cfg.image_size, cfg.image_size, 3), tf.float32),
-            tf.TensorSpec((), tf.int32))  # fmt: skip
+    spec = (
+        tf.TensorSpec((cfg.image_size, cfg.image_size, 3), tf.float32),
+        tf.TensorSpec((), tf.int32),
+    )
     ds = tf.data.Dataset.from_generator(generate, output_signature=spec).batch(cfg.batch_size)
     first, later = (epoch_rate(ds, time.perf_counter())[0] for _ in range(2))
     return first, first, later
@@ -61,8 +62,6 @@ def naive_baseline(paths, labels, cfg) -> tuple[float, float, float]:
 
 def decode_ceiling(paths) -> tuple[float, float, float]:
     """Parallel PNG decoding alone, nothing else: the most a cold first epoch can reach here."""
-    import tensorflow as tf
-
     ds = tf.data.Dataset.from_tensor_slices(paths).map(
         lambda path: tf.io.decode_png(tf.io.read_file(path), channels=3),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -93,6 +92,7 @@ def measure(cfg, cache_dir: Path) -> tuple[float, float, float]:
 
 def write_tfds(root: Path, paths: list[str], labels: list[int], data_dir: Path) -> str:
     """A TFDS dataset of the PNGs (encoded as they are), prepared into data_dir; its name."""
+    # tensorflow_datasets takes seconds to import; only this step needs it
     import tensorflow_datasets as tfds
 
     class BenchCells(tfds.core.GeneratorBasedBuilder):
@@ -119,6 +119,68 @@ def write_tfds(root: Path, paths: list[str], labels: list[int], data_dir: Path) 
     return BenchCells.name
 
 
+def write_sources(folder: Path, images: int, source_size: int):
+    """The same generated PNGs in every source's form: a folder of class folders, a table,
+    an arrays file and a TFDS dataset.
+
+    Returns:
+        (paths, labels, {source: its data_dir}, the TFDS dataset's name).
+    """
+    root = folder / "images"
+    print(f"generating {images} {source_size}px PNGs ...", flush=True)
+    make_demo_data(root, images, source_size, seed=0)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    labels = [DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
+    table = folder / "table.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(zip(paths, labels, strict=True))
+    arrays = folder / "arrays.npz"
+    pixels = np.stack([np.asarray(Image.open(p)) for p in paths])
+    np.savez(arrays, images=pixels, labels=np.array(labels))
+    tfds_dir = folder / "tfds"
+    print("writing them as a TFDS dataset ...", flush=True)
+    tfds_name = write_tfds(root, paths, labels, tfds_dir)
+    data_dirs = {"imagedir": root, "dataframe": table, "arrays": arrays, "tfds": tfds_dir}
+    return paths, labels, data_dirs, tfds_name
+
+
+def print_report(args, info, best, cache_bytes: float, per_core: float, load_before: float):
+    """The table of rates and ratios to the baseline, the cache size and the summary line."""
+    cores = len(os.sched_getaffinity(0))
+    # Other work on the cores slows the parallel rows more than the one-thread baseline:
+    # read the ratios of a run on a busy machine as low.
+    print(
+        f"\n{info.train_count} training images, {args.source_size}px PNG -> "
+        f"{args.image_size}px, batch {args.batch_size}, {cores} cores, load average "
+        f"{load_before:.1f} before the bench and {os.getloadavg()[0]:.1f} after\n"
+    )
+    print(
+        "| source | cold first epoch (img/s) | vs baseline | warm first epoch (img/s) "
+        "| vs baseline | cached epoch (img/s) | vs baseline |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base_rates = best["naive generator (baseline)"]
+    for name, rates in best.items():
+        ratios = zip(rates, base_rates, strict=True)
+        cells = [f"{rate:,.0f} | {rate / ref:.1f}x" for rate, ref in ratios]
+        print(f"| {name} | {' | '.join(cells)} |")
+    print(
+        f"\ncache for the imagedir data: {cache_bytes / 1e6:.1f} MB "
+        f"({args.images} images at {args.image_size}px)"
+    )
+    print(
+        f"loader at 128 px (decode + resize + check, cold): {per_core:,.0f} img/s per core; "
+        f"{FEED_RATE:,} img/s takes {FEED_RATE / per_core:.0f} cores"
+    )
+    cold, warm, cached = (r / b for r, b in zip(best["imagedir"], base_rates, strict=True))
+    print(
+        f"summary: cold first epoch {cold:.1f}x, warm first epoch {warm:.1f}x, "
+        f"cached epoch {cached:.1f}x"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000)
@@ -131,45 +193,33 @@ def main() -> int:
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "images"
-        print(f"generating {args.images} {args.source_size}px PNGs ...", flush=True)
-        make_demo_data(root, args.images, args.source_size, seed=0)
-        paths = sorted(str(p) for p in root.rglob("*.png"))
-        labels = [DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
-        base = train.Config(image_size=args.image_size, batch_size=args.batch_size,
-                            val_split=0.2, test_split=0.0,  # the split doc/benchmarks.md describes
-                            data_dir=str(root))  # fmt: skip
+        paths, labels, data_dirs, tfds_name = write_sources(
+            Path(tmp), args.images, args.source_size
+        )
+        base = train.Config(
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            val_split=0.2,
+            test_split=0.0,  # the split doc/benchmarks.md describes
+            data_dir=str(data_dirs["imagedir"]),
+        )
         caches = Path(tmp) / "caches"
         _, _, info = train.load_data(
             dataclasses.replace(base, data_source="imagedir", cache_dir=str(caches / "info"))
         )
-
-        table = Path(tmp) / "table.csv"
-        with open(table, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            writer.writerows(zip(paths, labels, strict=True))
-        arrays = Path(tmp) / "arrays.npz"
-        np.savez(arrays, images=np.stack([np.asarray(Image.open(p)) for p in paths]),
-                 labels=np.array(labels))  # fmt: skip
-        tfds_dir = Path(tmp) / "tfds"
-        print("writing them as a TFDS dataset ...", flush=True)
-        tfds_name = write_tfds(root, paths, labels, tfds_dir)
-
         # Warm TensorFlow up once so no row pays its one-time start-up cost.
-        measure(dataclasses.replace(base, data_source="imagedir", training_samples=64),
-                caches / "warm-up")  # fmt: skip
+        warm_up = dataclasses.replace(base, data_source="imagedir", training_samples=64)
+        measure(warm_up, caches / "warm-up")
         # The baseline reads the training split's share of the images, like the others.
         share, share_labels = paths[: info.train_count], labels[: info.train_count]
         runs = {
             "naive generator (baseline)": lambda _: naive_baseline(share, share_labels, base),
             "decode only (ceiling)": lambda _: decode_ceiling(share),
         }
-        sources = [("imagedir", root), ("dataframe", table), ("arrays", arrays),
-                   ("tfds", tfds_dir)]  # fmt: skip
-        for source, data_dir in sources:
-            cfg = dataclasses.replace(base, data_source=source, data_dir=str(data_dir),
-                                      dataset=tfds_name)  # fmt: skip
+        for source, data_dir in data_dirs.items():
+            cfg = dataclasses.replace(
+                base, data_source=source, data_dir=str(data_dir), dataset=tfds_name
+            )
             runs[source] = lambda cache_dir, cfg=cfg: measure(cfg, cache_dir)
         best: dict[str, tuple[float, ...]] = {}
         for round_number in range(args.repeats):
@@ -183,26 +233,7 @@ def main() -> int:
         seconds = min(_seconds(lambda: decode_files(share, 128, 3)) for _ in range(args.repeats))
         per_core = len(share) / seconds / cores
 
-    # Other work on the cores slows the parallel rows more than the one-thread baseline:
-    # read the ratios of a run on a busy machine as low.
-    print(f"\n{info.train_count} training images, {args.source_size}px PNG -> "
-          f"{args.image_size}px, batch {args.batch_size}, {cores} cores, load average "
-          f"{load_before:.1f} before the bench and {os.getloadavg()[0]:.1f} after\n")  # fmt: skip
-    print("| source | cold first epoch (img/s) | vs baseline | warm first epoch (img/s) "
-          "| vs baseline | cached epoch (img/s) | vs baseline |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base_rates = best["naive generator (baseline)"]
-    for name, rates in best.items():
-        cells = [f"{rate:,.0f} | {rate / ref:.1f}x" for rate, ref in zip(rates, base_rates,
-                                                                          strict=True)]  # fmt: skip
-        print(f"| {name} | {' | '.join(cells)} |")
-    print(f"\ncache for the imagedir data: {cache_bytes / 1e6:.1f} MB "
-          f"({args.images} images at {args.image_size}px)")  # fmt: skip
-    print(f"loader at 128 px (decode + resize + check, cold): {per_core:,.0f} img/s per core; "
-          f"{FEED_RATE:,} img/s takes {FEED_RATE / per_core:.0f} cores")  # fmt: skip
-    cold, warm, cached = (r / b for r, b in zip(best["imagedir"], base_rates, strict=True))
-    print(f"summary: cold first epoch {cold:.1f}x, warm first epoch {warm:.1f}x, "
-          f"cached epoch {cached:.1f}x")  # fmt: skip
+    print_report(args, info, best, cache_bytes, per_core, load_before)
     return 0
 
 

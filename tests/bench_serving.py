@@ -41,18 +41,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        network = (dict(convolutions=3, dense_units=128) if args.network == "cnn"
-                   else dict(convolutions=0, weights="none"))  # fmt: skip
-        cfg = tiny_config(data_dir=str(root / "demo"), image_size=args.image_size,
-                          registered_model_name="bench", **network)  # fmt: skip
+        network = (
+            dict(convolutions=3, dense_units=128)
+            if args.network == "cnn"
+            else dict(convolutions=0, weights="none")
+        )
+        cfg = tiny_config(
+            data_dir=str(root / "demo"),
+            image_size=args.image_size,
+            registered_model_name="bench",
+            **network,
+        )
         version = train_and_log(cfg).model_version
         make_demo_data(root / "files", samples=args.batch, image_size=args.file_size, seed=3)
         paths = sorted(str(p) for p in (root / "files").rglob("*.png"))[: args.batch]
 
         port = free_port()
         log = root / "serve.log"
-        command = [sys.executable, str(ROOT / "lifecycle.py"), "serve",
-                   "--model", f"models:/bench/{version}", "--port", str(port)]  # fmt: skip
+        serve = ["serve", f"--model=models:/bench/{version}", f"--port={port}"]
+        command = [sys.executable, str(ROOT / "lifecycle.py"), *serve]
         process = spawn(command, log, dict(os.environ))
         url = f"http://127.0.0.1:{port}"
         try:
@@ -68,10 +75,12 @@ def main() -> None:
         finally:
             stop_process_group(process)
     median, best = statistics.median(seconds), min(seconds)
-    print(f"{args.network} at {args.image_size}px, {len(paths)} PNGs of {args.file_size}px "
-          f"per request, {args.requests} requests: median {median * 1000:.0f} ms per request "
-          f"({median / len(paths) * 1000:.1f} ms per image), best {best * 1000:.0f} ms "
-          f"({best / len(paths) * 1000:.1f} ms per image)")  # fmt: skip
+    print(
+        f"{args.network} at {args.image_size}px, {len(paths)} PNGs of {args.file_size}px "
+        f"per request, {args.requests} requests: median {median * 1000:.0f} ms per request "
+        f"({median / len(paths) * 1000:.1f} ms per image), best {best * 1000:.0f} ms "
+        f"({best / len(paths) * 1000:.1f} ms per image)"
+    )
 
 
 if __name__ == "__main__":

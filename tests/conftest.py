@@ -6,10 +6,18 @@ import contextlib
 import dataclasses
 import os
 
+# Tests report no usage to MLflow (CI turns its telemetry off by itself): off in this
+# process and the ones tests start. Set before mlflow's import, which reads it; MLflow
+# would otherwise put a telemetry session id into os.environ.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import mlflow
+import mlflow.tracking.fluent
 import pytest
 
 import train
+from engine import cache as image_cache
+from engine.config import RunConfig
 from engine.sources import make_demo_data
 from engine.training import TrainResult, run_training
 from tests.servers import MlflowServer
@@ -31,6 +39,15 @@ def tiny_config(**overrides) -> train.Config:
         export_savedmodel=False,
     )
     return dataclasses.replace(train.Config(), **{**defaults, **overrides})
+
+
+def engine_config(**overrides) -> RunConfig:
+    """The engine's own knobs only, no train.py: 32x32 images in batches of 8.
+
+    For tests of engine code that call the built-in sources directly, so they hold
+    whatever a fork makes of train.py.
+    """
+    return RunConfig(**{"image_size": 32, "batch_size": 8, **overrides})
 
 
 def train_and_log(cfg: train.Config) -> TrainResult:
@@ -64,8 +81,6 @@ def no_active_experiment(monkeypatch):
     global and in os.environ["MLFLOW_EXPERIMENT_ID"]; left there, a later test on a new
     store would start runs in an experiment that store does not have.
     """
-    import mlflow.tracking.fluent
-
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")  # undone at the end: back to unset
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
@@ -74,11 +89,9 @@ def no_active_experiment(monkeypatch):
 @pytest.fixture(autouse=True, scope="session")
 def image_cache_in_tmp(tmp_path_factory):
     """The tests' decoded-image cache is a temporary folder, not the project's or /storage's."""
-    from engine import cache
-
     root = tmp_path_factory.mktemp("image-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache, "default_cache_dir", lambda: root)
+        patch.setattr(image_cache, "default_cache_dir", lambda: root)
         yield root
 
 

@@ -73,10 +73,10 @@ def stop_process_group(
 def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None):
     """Start command in a process group of its own, stdout and stderr appended to log_path."""
     with log_path.open("a") as log:
+        environment = {**os.environ, **(env or {})}
         return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )  # fmt: skip
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment
+        )
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
@@ -162,14 +162,14 @@ class PostgresServer:
         if fresh:
             self._pg(
                 "initdb",
-                "-D", str(self.data),
-                "-U", self.user,
+                f"--pgdata={self.data}",
+                f"--username={self.user}",
                 f"--pwfile={pwfile}",
                 "--auth-local=scram-sha-256",
                 "--auth-host=scram-sha-256",
-                "-E", "UTF8",
+                "--encoding=UTF8",
                 "--no-sync",
-            )  # fmt: skip
+            )
             pwfile.unlink()
         # fsync off: a test cluster trades durability on power loss for speed.
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
@@ -223,15 +223,16 @@ class MlflowServer:
 
     def command(self) -> list[str]:
         return [
-            str(VENV_BIN / "mlflow"), "server",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--workers", "1",
-            "--backend-store-uri", self.backend_store_uri,
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            "--workers=1",
+            f"--backend-store-uri={self.backend_store_uri}",
             "--serve-artifacts",
-            "--artifacts-destination", self.artifacts_destination,
+            f"--artifacts-destination={self.artifacts_destination}",
             *self.extra_args,
-        ]  # fmt: skip
+        ]
 
     def start(self, timeout: float = 120) -> MlflowServer:
         """Start the server and wait until /health answers (schema migrations take a while)."""
@@ -307,7 +308,8 @@ class S3Server:
         # Every listener on its own free port so parallel runs and real services do not clash.
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
         command = [
-            str(self.binary), "mini",
+            str(self.binary),
+            "mini",
             f"-dir={data}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
@@ -317,7 +319,7 @@ class S3Server:
             f"-filer.port={ports['filer']}",
             f"-admin.port={ports['admin']}",
             f"-webdav.port={ports['webdav']}",
-        ]  # fmt: skip
+        ]
         keys = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self.process = spawn(command, self.log_path, keys)
         try:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import train
+from engine import cache as image_cache
 from engine.cache import ImageCache, clean
 from engine.config import UserError
 from tests.conftest import tiny_config
@@ -22,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load(data_dir, cache_dir, capsys=None, **overrides):
     """load_data on an imagedir; returns (all its images, info, what it printed)."""
-    cfg = tiny_config(data_source="imagedir", data_dir=str(data_dir), cache_dir=str(cache_dir),
-                      val_split=0.25, **overrides)  # fmt: skip
+    cfg = tiny_config(
+        data_source="imagedir",
+        data_dir=str(data_dir),
+        cache_dir=str(cache_dir),
+        val_split=0.25,
+        **overrides,
+    )
     train_ds, val_ds, info = train.load_data(cfg)
     splits = (train_ds, val_ds) if info.test_ds is None else (train_ds, val_ds, info.test_ds)
     images = np.concatenate([x.numpy() for ds in splits for x, _ in ds])
@@ -48,8 +54,7 @@ def test_a_second_run_reads_the_cache_and_decodes_nothing(demo_dir, tmp_path, ca
     np.testing.assert_array_equal(sorted_images(warm), sorted_images(cold))
 
 
-def test_a_changed_file_is_decoded_again_and_a_now_corrupt_one_reported(demo_dir, tmp_path,
-                                                                        capsys):  # fmt: skip
+def test_a_changed_file_is_decoded_again_and_a_now_corrupt_one_reported(demo_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     load(demo_dir, cache, capsys)
     changed = sorted((demo_dir / "uninfected").glob("*.png"))[0]
@@ -112,8 +117,9 @@ def write_odd_images(folder: Path) -> list[str]:
     palette.info["transparency"] = 0
     palette.save(folder / "palette.png", transparency=0)
     Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
-    Image.fromarray(rgb).save(folder / "anim.gif", save_all=True,
-                              append_images=[Image.fromarray(255 - rgb)])  # fmt: skip
+    Image.fromarray(rgb).save(
+        folder / "anim.gif", save_all=True, append_images=[Image.fromarray(255 - rgb)]
+    )
     truncated = (folder / "plain.png").read_bytes()
     (folder / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
     (folder / "text.png").write_text("not an image at all")
@@ -144,8 +150,12 @@ def test_two_runs_started_together_share_one_cache(demo_dir, tmp_path, capsys):
         "n = sum(len(y) for ds in (t, v, info.test_ds) for _, y in ds); print('images', n)"
     )
     command = [sys.executable, "-c", script]
-    runs = [subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     printed = "".join(out for out, _ in outputs)
@@ -198,11 +208,17 @@ def test_an_unwritable_cache_dir_is_a_user_error(demo_dir, tmp_path):
 
 
 def test_tfds_goes_through_the_cache(tmp_path, capsys):
+    # tensorflow_datasets takes seconds to import; only this test needs it
     import tensorflow_datasets as tfds
 
-    cfg = tiny_config(data_source="tfds", dataset="malaria", data_dir=str(tmp_path),
-                      cache_dir=str(tmp_path / "cache"), training_samples=20,
-                      validation_samples=6)  # fmt: skip
+    cfg = tiny_config(
+        data_source="tfds",
+        dataset="malaria",
+        data_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
+        training_samples=20,
+        validation_samples=6,
+    )
     with tfds.testing.mock_data(num_examples=50):
         cold_train, _, _ = train.load_data(cfg)
         printed = capsys.readouterr().out
@@ -219,10 +235,8 @@ def test_tfds_goes_through_the_cache(tmp_path, capsys):
 
 
 def test_an_unwritable_default_cache_turns_the_cache_off(demo_dir, tmp_path, capsys, monkeypatch):
-    from engine import cache
-
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr(cache, "default_cache_dir", lambda: blocker / "cache")
+    monkeypatch.setattr(image_cache, "default_cache_dir", lambda: blocker / "cache")
     images, info, printed = load(demo_dir, "", capsys)
     assert len(images) == 48 and "decoding without it" in printed

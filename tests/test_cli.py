@@ -39,10 +39,8 @@ def test_parse_bool_rejects_other_words(text):
 
 
 def test_flags_have_real_types_and_both_spellings():
-    cfg = parse_config(train.Config,
-        ["--epochs", "3", "--learning_rate", "0.01", "--randomize-images", "no",
-         "--data-source", "imagedir"]
-    )  # fmt: skip
+    argv = "--epochs 3 --learning_rate 0.01 --randomize-images no --data-source imagedir"
+    cfg = parse_config(train.Config, argv.split())
     assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
     assert cfg.learning_rate == 0.01
     assert cfg.randomize_images is False
@@ -120,8 +118,11 @@ def test_command_line_errors_exit_2_with_a_message_and_no_traceback(tmp_path):
     ]:
         done = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), *argv],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stderr
         assert message in done.stderr
         assert "Traceback" not in done.stderr

@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 import train
 from engine import mlproject
 from engine.config import UserError
+from engine.data_contract import DATA_CONTRACT, check_data
 from engine.images import DataInfo
 from engine.network import CONTRACT, build_network
 from engine.prediction import predict
-from engine.training import DATA_CONTRACT, check_data
 from engine.validation import validate
 from tests.conftest import tiny_config, train_and_log
 
@@ -59,21 +59,25 @@ def _one_batch(labels: np.ndarray) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
 
 
+def _loaded(train_labels: np.ndarray, info) -> tuple:
+    """What a load_data returns: a training batch of these labels, a good val_ds, info."""
+    return _one_batch(train_labels), _one_batch(np.array([0, 1])), info
+
+
+TWO_CLASSES_8PX = DataInfo((8, 8, 3), ["a", "b"], 2, 2)
+
+
 @pytest.mark.parametrize(
     ("result", "says"),
     [
         ((1, 2), "returned tuple"),
-        ((_one_batch(np.array([0, 1])), _one_batch(np.array([0, 1])), {"classes": 2}),
-         "third value is dict"),
-        ((_one_batch(np.eye(2, dtype=np.int32)), _one_batch(np.array([0, 1])),
-          DataInfo((8, 8, 3), ["a", "b"], 2, 2)), "labels of int32"),
-        ((_one_batch(np.array([0.0, 1.0])), _one_batch(np.array([0, 1])),
-          DataInfo((8, 8, 3), ["a", "b"], 2, 2)), "labels of float"),
-        ((_one_batch(np.array([0, 1])), _one_batch(np.array([0, 1])),
-          DataInfo((16, 16, 3), ["a", "b"], 2, 2)), "images of shape"),
+        (_loaded(np.array([0, 1]), {"classes": 2}), "third value is dict"),
+        (_loaded(np.eye(2, dtype=np.int32), TWO_CLASSES_8PX), "labels of int32"),
+        (_loaded(np.array([0.0, 1.0]), TWO_CLASSES_8PX), "labels of float"),
+        (_loaded(np.array([0, 1]), DataInfo((16, 16, 3), ["a", "b"], 2, 2)), "images of shape"),
     ],
     ids=["two-values", "no-datainfo", "one-hot-labels", "float-labels", "wrong-shape"],
-)  # fmt: skip
+)
 def test_a_broken_load_data_is_refused_with_the_contract(result, says):
     with pytest.raises(UserError) as caught:
         check_data(result)
@@ -191,22 +195,27 @@ def test_a_forks_network_trains_registers_validates_and_predicts(
     assert all(0.5 <= float(row.split(",")[2]) <= 1.0 for row in rows[1:])
 
 
+def _flat_network(units: int, input_shape=None, **dense):
+    """A define_network: Flatten, then one Dense layer of `units` (**dense its options), on
+    input_shape (default: the data's)."""
+
+    def define(shape, num_classes, cfg):
+        layers = [keras.layers.Flatten(), keras.layers.Dense(units, **dense)]
+        return keras.Sequential([keras.Input(input_shape or shape), *layers])
+
+    return define
+
+
 @pytest.mark.parametrize(
     ("network", "says"),
     [
         (lambda shape, k, cfg: None, "returned NoneType, not a model"),
-        (lambda shape, k, cfg: keras.Sequential([keras.Input(shape), keras.layers.Flatten(),
-                                                 keras.layers.Dense(3, activation="softmax")]),
-         "the output must be (2, 1 or 2)"),
-        (lambda shape, k, cfg: keras.Sequential([keras.Input(shape), keras.layers.Flatten(),
-                                                 keras.layers.Dense(1, kernel_initializer="ones")]),
-         "not probabilities"),
-        (lambda shape, k, cfg: keras.Sequential([keras.Input((5, 5, 3)), keras.layers.Flatten(),
-                                                 keras.layers.Dense(1, activation="sigmoid")]),
-         "does not accept images of shape"),
+        (_flat_network(3, activation="softmax"), "the output must be (2, 1 or 2)"),
+        (_flat_network(1, kernel_initializer="ones"), "not probabilities"),
+        (_flat_network(1, (5, 5, 3), activation="sigmoid"), "does not accept images of shape"),
     ],
     ids=["not-a-model", "three-units-for-two-classes", "logits", "wrong-input-shape"],
-)  # fmt: skip
+)
 def test_a_broken_network_stops_before_any_run(
     network, says, tracking_store, tmp_path, monkeypatch
 ):
@@ -217,11 +226,12 @@ def test_a_broken_network_stops_before_any_run(
     assert mlflow.MlflowClient().get_experiment_by_name("tests") is None, "no run may exist"
 
 
-def test_main_prints_a_contract_error_without_a_traceback(tracking_store, tmp_path, monkeypatch,
-                                                          capsys):  # fmt: skip
+def test_main_prints_a_contract_error_without_a_traceback(
+    tracking_store, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(train, "define_network", lambda shape, k, cfg: "a model, promise")
-    argv = ["--data-source", "demo", "--data-dir", str(tmp_path / "demo"), "--demo-samples", "8",
-            "--image-size", "16", "--convolutions", "1"]  # fmt: skip
+    flags = "--data-source demo --demo-samples 8 --image-size 16 --convolutions 1"
+    argv = ["--data-dir", str(tmp_path / "demo"), *flags.split()]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: define_network returned str") and "Traceback" not in err
@@ -272,8 +282,9 @@ import keras
 assert keras.mixed_precision.global_policy().name == "float32"
 print("unchanged")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-2000:]
 
 

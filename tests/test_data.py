@@ -12,7 +12,7 @@ from PIL import Image
 
 import train
 from engine.config import UserError
-from engine.sources import download_tfds, make_demo_data
+from engine.sources import download_tfds, make_demo_data, tfds_splits
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.example
@@ -77,8 +77,9 @@ def test_imagedir_many_classes_sizes_formats_and_grayscale(mixed_dir):
 
 
 def test_split_is_seeded_and_sample_caps_apply(demo_dir):
-    cfg = tiny_config(data_source="imagedir", data_dir=str(demo_dir), training_samples=10,
-                      validation_samples=4)  # fmt: skip
+    cfg = tiny_config(
+        data_source="imagedir", data_dir=str(demo_dir), training_samples=10, validation_samples=4
+    )
     _, val_a, info = train.load_data(cfg)
     _, val_b, _ = train.load_data(cfg)
     assert (info.train_count, info.val_count) == (10, 4)
@@ -135,8 +136,10 @@ def test_imagedir_needs_a_data_dir():
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_dataframe_table(mixed_dir, tmp_path, fmt):
-    rows = [{"file": str(p.relative_to(tmp_path)), "species": p.parent.name}
-            for p in sorted(mixed_dir.rglob("*.*"))]  # fmt: skip
+    rows = [
+        {"file": str(p.relative_to(tmp_path)), "species": p.parent.name}
+        for p in sorted(mixed_dir.rglob("*.*"))
+    ]
     table = tmp_path / f"query.{fmt}"
     if fmt == "csv":
         with open(table, "w", newline="") as f:
@@ -145,8 +148,9 @@ def test_dataframe_table(mixed_dir, tmp_path, fmt):
             writer.writerows(rows)
     else:
         table.write_text(json.dumps(rows))
-    cfg = tiny_config(data_source="dataframe", data_dir=str(table), path_column="file",
-                      label_column="species")  # fmt: skip
+    cfg = tiny_config(
+        data_source="dataframe", data_dir=str(table), path_column="file", label_column="species"
+    )
     train_ds, _, info = train.load_data(cfg)
     assert info.class_names == ["ant", "bee", "wasp"]
     assert info.train_count + info.val_count + info.test_count == 30
@@ -231,10 +235,16 @@ def test_arrays_errors(tmp_path):
 
 
 def test_tfds_with_mock_data(tmp_path):
+    # tensorflow_datasets takes seconds to import; only this test needs it
     import tensorflow_datasets as tfds
 
-    cfg = tiny_config(data_source="tfds", dataset="malaria", data_dir=str(tmp_path),
-                      training_samples=20, validation_samples=6)  # fmt: skip
+    cfg = tiny_config(
+        data_source="tfds",
+        dataset="malaria",
+        data_dir=str(tmp_path),
+        training_samples=20,
+        validation_samples=6,
+    )
     with tfds.testing.mock_data(num_examples=50):
         train_ds, val_ds, info = train.load_data(cfg)
         assert info.class_names == ["parasitized", "uninfected"]
@@ -249,14 +259,12 @@ def test_tfds_with_mock_data(tmp_path):
 
 
 def test_tfds_splits_use_the_datasets_own_and_cut_the_rest_from_train():
-    from engine.sources import tfds_splits
-
     cfg = tiny_config(val_split=0.2, test_split=0.1)
     # malaria: a train split only
     assert tfds_splits({"train"}, cfg) == ["train[:70%]", "train[70%:90%]", "train[90%:]"]
     assert tfds_splits({"train", "test"}, cfg) == ["train[:80%]", "train[80%:100%]", "test"]
-    assert tfds_splits({"train", "validation", "test"}, cfg) == ["train[:100%]", "validation",
-                                                                 "test"]  # fmt: skip
+    own = tfds_splits({"train", "validation", "test"}, cfg)
+    assert own == ["train[:100%]", "validation", "test"]
     no_test = tiny_config(val_split=0.2, test_split=0.0)
     assert tfds_splits({"train", "test"}, no_test) == ["train[:80%]", "train[80%:100%]"]
 

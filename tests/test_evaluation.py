@@ -63,7 +63,8 @@ def test_save_plots_draws_roc_only_for_two_classes(tmp_path):
     assert [p.name for p in save_plots(labels, probs, ["a", "b", "c"], tmp_path)] == [
         "confusion_matrix.png"
     ]
-    binary = save_plots(np.array([0, 1]), class_probabilities(np.array([0.3, 0.8])), ["n", "p"],
-                        tmp_path)  # fmt: skip
+    binary = save_plots(
+        np.array([0, 1]), class_probabilities(np.array([0.3, 0.8])), ["n", "p"], tmp_path
+    )
     assert [p.name for p in binary] == ["confusion_matrix.png", "roc_curve.png"]
     assert all(p.stat().st_size > 1000 for p in binary)

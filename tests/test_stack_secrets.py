@@ -283,8 +283,11 @@ def start_server_env(settings: dict[str, str]) -> dict[str, str]:
 def test_start_server_refuses_the_example_env_before_connecting(image_app):
     done = subprocess.run(
         [sys.executable, str(image_app / "start_server.py")],
-        env=start_server_env(read_settings(EXAMPLE)), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        env=start_server_env(read_settings(EXAMPLE)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert_refused(done, list(SERVER_LABELS.values()))
     assert "waiting for PostgreSQL" not in done.stdout + done.stderr
@@ -295,8 +298,11 @@ def test_start_server_refuses_each_example_value(image_app, generated, name):
     settings = {**generated, name: read_settings(EXAMPLE)[name]}
     done = subprocess.run(
         [sys.executable, str(image_app / "start_server.py")],
-        env=start_server_env(settings), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        env=start_server_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     message = assert_refused(done, [SERVER_LABELS[name]])
     assert [other for other in SECRET_NAMES if other in message] == [name]

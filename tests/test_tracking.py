@@ -29,6 +29,5 @@ def test_epoch_metrics_are_kept_while_the_server_fails_then_sent(tracking_store,
         assert logger.pending == []
 
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (0, 1.0), (1, 0.8), (2, 0.6)
-    ]  # fmt: skip
+    steps = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+    assert steps == [(0, 1.0), (1, 0.8), (2, 0.6)]

@@ -25,8 +25,9 @@ EPOCH_METRICS = ["loss", "accuracy", "auc", "precision", "recall"]
 
 
 def cfg_args(cfg: train.Config) -> list[str]:
-    return [arg for f in dataclasses.fields(cfg)
-            for arg in (f"--{f.name}", str(getattr(cfg, f.name)))]  # fmt: skip
+    return [
+        arg for f in dataclasses.fields(cfg) for arg in (f"--{f.name}", str(getattr(cfg, f.name)))
+    ]
 
 
 def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
@@ -144,8 +145,7 @@ def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypat
     client.log_param(launched.info.run_id, "run_name", "''")
     client.log_param(launched.info.run_id, "epochs", "1")
     monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
-    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"),
-                                            registered_model_name=""))  # fmt: skip
+    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"), registered_model_name=""))
     assert result.run_id == launched.info.run_id
     assert result.model_version is None
     run = client.get_run(launched.info.run_id)
@@ -156,8 +156,9 @@ def test_run_started_by_mlflow_run_is_reused(tracking_store, tmp_path, monkeypat
 def test_training_against_a_real_tracking_server(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"),
-                                            registered_model_name="served"))  # fmt: skip
+    result = train_and_log(
+        tiny_config(data_dir=str(tmp_path / "demo"), registered_model_name="served")
+    )
     client = MlflowClient(mlflow_server)
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(result.run_id, "val_loss")) == 1

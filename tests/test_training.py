@@ -18,14 +18,15 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
-from engine import training
+from engine import devices
 from engine.checkpoints import STATE_FILE
 from engine.config import UserError
+from engine.devices import choose_strategy, compute_dtype, set_precision
 from engine.evaluation import classification_metrics
 from engine.network import class_probabilities
+from engine.scoring import predict_probabilities
 from engine.serving import load_network
 from engine.tracking import check_tracking_uri
-from engine.training import choose_strategy, compute_dtype, predict_probabilities, set_precision
 from tests.conftest import tiny_config, train_and_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +66,8 @@ def test_strategy_prefetches_to_the_one_gpu(monkeypatch):
     assert choose_strategy(tiny_config()) is tf.distribute.get_strategy()  # no GPU here
     # with one GPU (the CPU stands in for it), or several and --distribute false:
     # OneDeviceStrategy, whose input pipeline copies batches onto the device ahead
-    for devices, distribute in ((["/cpu:0"], True), (["/cpu:0", "/cpu:1"], False)):
-        monkeypatch.setattr(training, "gpu_devices", lambda devices=devices: devices)
+    for gpus, distribute in ((["/cpu:0"], True), (["/cpu:0", "/cpu:1"], False)):
+        monkeypatch.setattr(devices, "gpu_devices", lambda gpus=gpus: gpus)
         strategy = choose_strategy(tiny_config(distribute=distribute))
         assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
         assert strategy.extended.worker_devices[0].endswith("CPU:0")
@@ -105,13 +106,16 @@ def test_an_unknown_monitor_is_refused_before_any_run():
 
 @pytest.mark.slow
 def test_the_registered_model_is_the_best_epoch(tracking_store, tmp_path, capsys):
-    cfg = tiny_config(data_dir=str(tmp_path / "demo"), epochs=4, learning_rate=0.02,
-                      lr_schedule="constant")  # fmt: skip
+    cfg = tiny_config(
+        data_dir=str(tmp_path / "demo"), epochs=4, learning_rate=0.02, lr_schedule="constant"
+    )
     result = train_and_log(cfg)
     client = MlflowClient()
     run = client.get_run(result.run_id)
-    val_loss = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_loss"),
-                                        key=lambda m: m.step)]  # fmt: skip
+    val_loss = [
+        m.value
+        for m in sorted(client.get_metric_history(result.run_id, "val_loss"), key=lambda m: m.step)
+    ]
     best = int(np.argmin(val_loss))
     assert run.data.metrics["best_epoch"] == best == result.best_epoch
     assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best])
@@ -146,7 +150,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs(tracking_store, tmp_p
 def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     # the one-GPU path, OneDeviceStrategy, with the CPU standing in for the GPU
-    monkeypatch.setattr(training, "gpu_devices", lambda: ["/cpu:0"])
+    monkeypatch.setattr(devices, "gpu_devices", lambda: ["/cpu:0"])
     result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo"), epochs=3))
     client = MlflowClient()
     for name in ("epoch_seconds", "images_per_second"):
@@ -161,8 +165,8 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
     # the test split: scored once, at the end, with its own plots
     assert (params["train_count"], params["val_count"], params["test_count"]) == ("34", "10", "4")
     assert params["class_counts.test"] == "parasitized=2, uninfected=2"
-    for name in ("test_accuracy", "test_auc", "test_loss", "test_balanced_accuracy",
-                 "test_recall_parasitized", "test_precision_uninfected"):  # fmt: skip
+    once = "test_accuracy test_auc test_loss test_balanced_accuracy test_recall_parasitized"
+    for name in [*once.split(), "test_precision_uninfected"]:
         assert len(client.get_metric_history(result.run_id, name)) == 1, name
     assert result.test_metrics["test_accuracy"] == metrics["test_accuracy"]
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots/test")}
@@ -175,13 +179,13 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
 
 
 def _train_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--data-source", "demo",
-            "--data-dir", str(tmp_path / "demo"), "--demo-samples", "600", "--image-size", "32",
-            "--convolutions", "1", "--dense-units", "8", "--batch-size", "8",
-            "--randomize-images", "false", "--experiment-name", "resume",
-            "--registered-model-name", "resumed", "--export-savedmodel", "false",
-            "--system-metrics", "false", "--checkpoint-dir", str(tmp_path / "ckpt"),
-            *extra]  # fmt: skip
+    flags = (
+        "--data-source demo --demo-samples 600 --image-size 32 --convolutions 1 --dense-units 8 "
+        "--batch-size 8 --randomize-images false --experiment-name resume "
+        "--registered-model-name resumed --export-savedmodel false --system-metrics false"
+    )
+    folders = ["--data-dir", str(tmp_path / "demo"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    return [sys.executable, str(ROOT / "train.py"), *flags.split(), *folders, *extra]
 
 
 def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: float = 240) -> str:
@@ -203,8 +207,13 @@ def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: fl
 def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_store}
     started = time.monotonic()
-    process = subprocess.Popen(_train_command(tmp_path, "--epochs", "8"), env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        _train_command(tmp_path, "--epochs", "8"),
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     run_id = _wait_for_epoch(process, tmp_path / "ckpt", epoch=2)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -214,8 +223,13 @@ def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so
     first = time.monotonic() - started
 
-    done = subprocess.run(_train_command(tmp_path, "--resume-run-id", run_id), env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        _train_command(tmp_path, "--resume-run-id", run_id),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming run {run_id} after epoch {killed_after + 1} of 8" in done.stdout
     assert f"run_id: {run_id}" in done.stdout
@@ -235,8 +249,13 @@ def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
 @pytest.mark.slow
 def test_sigterm_leaves_a_failed_run_that_says_how_to_resume(tracking_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_store}
-    process = subprocess.Popen(_train_command(tmp_path, "--epochs", "30"), env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        _train_command(tmp_path, "--epochs", "30"),
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     run_id = _wait_for_epoch(process, tmp_path / "ckpt", epoch=0)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
