@@ -8,7 +8,9 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     common        light helpers host and container share (project folder, storage, URIs)
     images        splitting, skipped-file reports; the tf.data pipelines every source ends in
     decoding      decode and resize: the one definition training, the cache and predict share
+    headers       an image file's size and EXIF orientation, read before decoding
     cache         the decoded-image cache every run shares (--cache-dir)
+    cache_folder  how runs share a cache folder: its lock and its modes
     sources       the built-in data sources, one import path for the two modules below
     file_sources  image files: imagedir, dataframe (a table of paths), demo
     array_sources images as arrays: arrays (.npz/HDF5), tfds
@@ -27,12 +29,15 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     dockerignore  which files `docker build` sends, read the way Docker reads them
     cli           main(): flags, errors without tracebacks, signals
     mlproject     the MLproject `main` entry point, written from a Config
-    search_space  tune.yaml and --param: the parameters a study searches, checked
-    tune          `make tune`: an Optuna study, its MLflow parent run, the best model
-    tune_workers  the worker loop (ask, train, tell) and the pruning callback
+    tune/         `make tune`: an Optuna study, its workers, its MLflow parent run
+    registry      registered model references and aliases (lifecycle.py)
+    validation    validate: evaluate, compare, promote (lifecycle.py validate)
+    prediction    predict to CSV, serve over REST, export for TF Serving
+    client        ask a served model (standard library only)
+    reaping       reap-runs: runs whose process died marked FAILED
 
 Importing `engine` (or any module of it) sets nothing: no environment variable,
-no log level, no signal handler. Those happen in cli.main() and tune.main().
+no log level, no signal handler. Those happen in cli.main() and tune's main().
 """
 
 from engine.config import RunConfig, UserError, knob

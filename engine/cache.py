@@ -24,25 +24,23 @@ folder's group): containers that run as different users of one group (e.g.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from engine.cache_folder import FILE_MODE, locked, make_folder
 from engine.common import storage_folder
 from engine.config import UserError
 from engine.decoding import DECODER_VERSION
 
 SHARD_IMAGES = 8192  # images per shard at most: a changed file rewrites no more than one
-FILE_MODE = 0o664
-FOLDER_MODE = 0o2775
 
 
 @dataclass
@@ -82,40 +80,6 @@ def file_key(path: str) -> str:
 def _stale(key: str) -> bool:
     """A file's entry whose file has since changed or gone (other keys never go stale)."""
     return key.startswith("/") and file_key(key.rsplit("|", 2)[0]) != key
-
-
-@contextlib.contextmanager
-def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
-    """Hold folder's lock: shared to read, exclusive to write; say so when waiting."""
-    lock_path = folder / ".lock"
-    created = not lock_path.exists()
-    try:
-        lock = open(lock_path, "a+")  # noqa: SIM115 (closed below)
-    except PermissionError:  # a cache this user may only read: a shared lock still works
-        lock = open(lock_path)  # noqa: SIM115
-    with lock:
-        if created:  # every user of a shared cache opens it to lock
-            with contextlib.suppress(OSError):
-                os.chmod(lock_path, 0o666)
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        try:
-            fcntl.flock(lock, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"cache: waiting for another run writing {folder} ...", flush=True)
-            fcntl.flock(lock, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def make_folder(folder: Path) -> None:
-    """Create folder and its missing parents with FOLDER_MODE (a shared cache's mode)."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    for created in missing:
-        with contextlib.suppress(OSError):  # another user's run may have made it
-            os.chmod(created, FOLDER_MODE)
 
 
 class ImageCache:
@@ -301,14 +265,14 @@ class ImageCache:
                 "writable folder with --cache-dir, or turn the cache off with --cache false."
             ) from err
         out = Decoded(np.zeros((len(keys), *self.shape), np.uint8), -np.ones(len(keys), np.int64))
-        with _locked(self.folder, exclusive=False):
+        with locked(self.folder, exclusive=False):
             index = self._index()
             missing = [i for i, key in enumerate(keys) if key not in index]
             if not missing:
                 self._gather(index, keys, list(range(len(keys))), out)
         if missing:
             # One run decodes and writes; a run arriving meanwhile waits, then reads.
-            with _locked(self.folder, exclusive=True):
+            with locked(self.folder, exclusive=True):
                 index = self._index()
                 missing = [i for i, key in enumerate(keys) if key not in index]
                 hits = [i for i, key in enumerate(keys) if key in index]
@@ -356,7 +320,7 @@ def clean(cache_dir: str = "") -> int:
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     freed = 0
     for folder in sorted(p for p in root.glob("*px-*ch-v*") if p.is_dir()):
-        with _locked(folder, exclusive=True):
+        with locked(folder, exclusive=True):
             for item in folder.iterdir():
                 if item.name != ".lock":
                     freed += item.stat().st_size

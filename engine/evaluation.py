@@ -34,17 +34,35 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     scores = {
         "accuracy": float(metrics.accuracy_score(labels, predicted)),
         "loss": float(-np.log(picked).mean()),
-        "precision": float(metrics.precision_score(
-            labels, predicted, average=average, labels=None if binary else every_class,
-            zero_division=0)),
-        "recall": float(metrics.recall_score(
-            labels, predicted, average=average, labels=None if binary else every_class,
-            zero_division=0)),
-        "f1": float(metrics.f1_score(
-            labels, predicted, average=average, labels=None if binary else every_class,
-            zero_division=0)),
+        "precision": float(
+            metrics.precision_score(
+                labels,
+                predicted,
+                average=average,
+                labels=None if binary else every_class,
+                zero_division=0,
+            )
+        ),
+        "recall": float(
+            metrics.recall_score(
+                labels,
+                predicted,
+                average=average,
+                labels=None if binary else every_class,
+                zero_division=0,
+            )
+        ),
+        "f1": float(
+            metrics.f1_score(
+                labels,
+                predicted,
+                average=average,
+                labels=None if binary else every_class,
+                zero_division=0,
+            )
+        ),
         "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
-    }  # fmt: skip
+    }
     area = roc_auc(labels, probs)
     if area is not None:
         scores["auc"] = area
@@ -169,8 +187,13 @@ def plot_confusion_matrix(
     for (i, j), count in np.ndenumerate(matrix):
         color = "white" if count > matrix.max() / 2 else "black"
         ax.text(j, i, str(count), ha="center", va="center", color=color)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
-           title=f"{split} confusion matrix")  # fmt: skip
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{split} confusion matrix",
+    )
     ax.set_xticklabels(class_names, rotation=45, ha="right")
     ax.set_yticklabels(class_names)
     _save_figure(fig, path)

@@ -38,9 +38,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 DEFAULT_BASE = "tensorflow/tensorflow:2.21.0-gpu"
 LOCAL_BASE = "py-tf2-base:bookworm-py311"
 TINY_RUN = [
-    "-P", "data_source=demo", "-P", "demo_samples=60", "-P", "image_size=32",
-    "-P", "convolutions=1", "-P", "batch_size=16", "-P", "epochs=1",
-]  # fmt: skip
+    "-P",
+    "data_source=demo",
+    "-P",
+    "demo_samples=60",
+    "-P",
+    "image_size=32",
+    "-P",
+    "convolutions=1",
+    "-P",
+    "batch_size=16",
+    "-P",
+    "epochs=1",
+]
 
 
 def say(config: pytest.Config, line: str) -> None:
@@ -106,8 +116,11 @@ def base_image(config: pytest.Config) -> str:
         timeout=900,
     )
     assert made.returncode == 0, made.stdout + made.stderr
-    say(config, f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
-        f"{time.monotonic() - started:.0f} s ({made.stdout.strip().splitlines()[-1]})")  # fmt: skip
+    say(
+        config,
+        f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
+        f"{time.monotonic() - started:.0f} s ({made.stdout.strip().splitlines()[-1]})",
+    )
     return LOCAL_BASE
 
 
@@ -205,12 +218,19 @@ def assert_ran_the_code(run, folder: Path) -> None:
 
 def test_image_holds_the_code_and_nothing_it_should_not(training_image):
     listing = subprocess.run(
-        ["docker", "run", "--rm", training_image["tag"], "sh", "-c",
-         "id -u; pwd; ls -A; git --version"],
+        [
+            "docker",
+            "run",
+            "--rm",
+            training_image["tag"],
+            "sh",
+            "-c",
+            "id -u; pwd; ls -A; git --version",
+        ],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split()  # fmt: skip
+    ).stdout.split()
     assert listing[0] != "0", "the image must not run as root"
     assert listing[1] == "/mlflow/projects/code"
     assert {"train.py", "MLproject", "requirements.txt", "project_driver.py"} <= set(listing)
@@ -221,17 +241,27 @@ def test_image_holds_the_code_and_nothing_it_should_not(training_image):
     # The image knows its code: labels and the baked file agree with the host's hash.
     identity = provenance.code_identity(PROJECT_DIR)
     labels = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{json .Config.Labels}}",
-         training_image["tag"]],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            "docker",
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Config.Labels}}",
+            training_image["tag"],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f'"code.content_hash":"{identity["content_hash"]}"' in labels
     assert f'"code.commit":"{identity["commit"]}"' in labels
     code_tag = code_image_tag(training_image["tag"], identity["content_hash"])
     baked = subprocess.run(
         ["docker", "run", "--rm", code_tag, "cat", provenance.BAKED_FILE],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert identity["content_hash"] in baked and identity["commit"] in baked
 
 
@@ -245,11 +275,17 @@ def test_make_run_trains_in_docker_and_logs_to_the_loopback_server(
     # and train.py must not fail re-logging them under `mlflow run`.
     args = [*TINY_RUN, "-P", f"data_dir={data_dir}", "-P", "registered_model_name=docker-e2e"]
     output, elapsed = run_in_project(
-        ["make", "-s", "run", training_image["make_args"], "EXPERIMENT=docker-e2e",
-         "ARGS=" + " ".join(args)],
+        [
+            "make",
+            "-s",
+            "run",
+            training_image["make_args"],
+            "EXPERIMENT=docker-e2e",
+            "ARGS=" + " ".join(args),
+        ],
         mlflow_server,
         storage,
-    )  # fmt: skip
+    )
     say(pytestconfig, f"make run, 1 epoch on 60 demo images: {elapsed:.0f} s")
 
     # The driver said what it decided, one line each.
@@ -287,13 +323,27 @@ def test_sweep_runs_two_containers_at_once_and_prints_the_table(
 ):
     data_dir = storage / "sweep-demo"
     output, elapsed = run_in_project(
-        [sys.executable, "project_driver.py", "sweep", "--parallel", "2",
-         "--experiment-name", "docker-sweep", *TINY_RUN, "-P", f"data_dir={data_dir}",
-         "-P", "learning_rate=0.01,0.001", "-P", "run_name=sweep",
-         "-P", "registered_model_name=docker-sweep"],
+        [
+            sys.executable,
+            "project_driver.py",
+            "sweep",
+            "--parallel",
+            "2",
+            "--experiment-name",
+            "docker-sweep",
+            *TINY_RUN,
+            "-P",
+            f"data_dir={data_dir}",
+            "-P",
+            "learning_rate=0.01,0.001",
+            "-P",
+            "run_name=sweep",
+            "-P",
+            "registered_model_name=docker-sweep",
+        ],
         mlflow_server,
         storage,
-    )  # fmt: skip
+    )
     say(pytestconfig, f"sweep of 2 runs, 2 at once: {elapsed:.0f} s")
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if {"run_id", "status"} <= set(line.split()))
@@ -365,10 +415,21 @@ def test_an_edit_runs_at_once_and_a_stale_image_stops_a_hand_typed_run(
 
     # By hand: MLflow tags the new commit, the image holds the old one: stop, no training.
     output, _ = run_in_project(
-        [str(fork / ".venv/bin/mlflow"), "run", ".", "-A", "network=host",
-         "--experiment-name", "stale", *TINY_RUN],
-        mlflow_server, storage, fork, expect_ok=False,
-    )  # fmt: skip
+        [
+            str(fork / ".venv/bin/mlflow"),
+            "run",
+            ".",
+            "-A",
+            "network=host",
+            "--experiment-name",
+            "stale",
+            *TINY_RUN,
+        ],
+        mlflow_server,
+        storage,
+        fork,
+        expect_ok=False,
+    )
     assert "the image is stale" in output and f"tagged commit {edited[:12]}" in output
     stale = client.search_runs([client.get_experiment_by_name("stale").experiment_id])
     assert [run.info.status for run in stale] == ["FAILED"]
@@ -408,10 +469,19 @@ def test_a_version_from_a_git_repository_runs_with_the_same_provenance(
 
     # The image now holds the later commit; the driver builds the version asked for.
     output, _ = run_in_project(
-        [*MAKE, "run", f"GIT_URL={bare.as_uri()}", f"VERSION={version}",
-         "EXPERIMENT=git-version", "ARGS=" + " ".join(TINY_RUN)],
-        mlflow_server, storage, fork, base=training_image["base"],
-    )  # fmt: skip
+        [
+            *MAKE,
+            "run",
+            f"GIT_URL={bare.as_uri()}",
+            f"VERSION={version}",
+            "EXPERIMENT=git-version",
+            "ARGS=" + " ".join(TINY_RUN),
+        ],
+        mlflow_server,
+        storage,
+        fork,
+        base=training_image["base"],
+    )
     assert f"is commit {version}" in output
     run = MlflowClient(mlflow_server).get_run(run_id_in(output))
     assert run.info.status == "FINISHED"
@@ -427,29 +497,55 @@ def test_a_version_from_a_git_repository_runs_with_the_same_provenance(
 def test_make_run_after_quickstart_through_make_server_lands_the_artifacts(
     training_image, storage, fork, pytestconfig
 ):
+    """A new user's path: quickstart, make server, make run. Long because it is one story
+    whose steps depend on each other (the store quickstart made is the one make run uses)."""
     from mlflow import MlflowClient
 
     # What `make quickstart` does, smaller: train.py with no tracking server creates
     # mlflow.db and its Default experiment, whose artifacts live in the folder mlruns/0.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     subprocess.run(
-        [str(fork / ".venv/bin/python"), "train.py", "--data-source", "demo",
-         "--demo-samples", "40", "--image-size", "32", "--convolutions", "1", "--epochs", "1",
-         "--experiment-name", "quickstart"],
-        cwd=fork, env=env, check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(fork / ".venv/bin/python"),
+            "train.py",
+            "--data-source",
+            "demo",
+            "--demo-samples",
+            "40",
+            "--image-size",
+            "32",
+            "--convolutions",
+            "1",
+            "--epochs",
+            "1",
+            "--experiment-name",
+            "quickstart",
+        ],
+        cwd=fork,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     port = free_port()
     started = subprocess.run(
-        [*MAKE, "server", f"MLFLOW_PORT={port}"], cwd=fork, env=env, capture_output=True,
-        text=True, timeout=180,
-    )  # fmt: skip
+        [*MAKE, "server", f"MLFLOW_PORT={port}"],
+        cwd=fork,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     server = f"http://127.0.0.1:{port}"
     try:
         output, elapsed = run_in_project(
-            [*MAKE, "run", "ARGS=" + " ".join(TINY_RUN)], server, storage, fork,
+            [*MAKE, "run", "ARGS=" + " ".join(TINY_RUN)],
+            server,
+            storage,
+            fork,
             base=training_image["base"],
-        )  # fmt: skip
+        )
         say(pytestconfig, f"make run into quickstart's Default experiment: {elapsed:.0f} s")
         assert "keeps artifacts in the local folder" in output
         client = MlflowClient(server)

@@ -176,10 +176,16 @@ def saved_with_orientation(path: Path, pixels: np.ndarray, orientation: int) -> 
     """pixels saved so that a viewer honouring EXIF `orientation` shows them upright."""
     from PIL import Image
 
-    undo = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-            6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_270}  # fmt: skip
+    undo = {
+        1: None,
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }
     image = Image.fromarray(pixels)
     stored = image if orientation == 1 else image.transpose(undo[orientation])
     exif = Image.Exif()

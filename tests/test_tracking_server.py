@@ -155,9 +155,12 @@ def test_team_server_entry_point_with_s3_and_basic_auth(postgres, client_env, tm
         assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/notes/hello.txt") == "hello"
 
         bucket = boto3.client(
-            "s3", endpoint_url=s3.endpoint_url, aws_access_key_id=s3.access_key,
-            aws_secret_access_key=s3.secret_key, region_name="us-east-1",
-        )  # fmt: skip
+            "s3",
+            endpoint_url=s3.endpoint_url,
+            aws_access_key_id=s3.access_key,
+            aws_secret_access_key=s3.secret_key,
+            region_name="us-east-1",
+        )
         keys = [o["Key"] for o in bucket.list_objects_v2(Bucket="team-artifacts")["Contents"]]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
     finally:
@@ -202,20 +205,44 @@ def _train_in_subprocess(
     tmp_path: Path, url: str, epochs: int, extra_env: dict
 ) -> subprocess.Popen:
     command = [
-        sys.executable, str(ROOT / "train.py"),
-        "--data-source", "demo", "--data-dir", str(tmp_path / "demo"), "--demo-samples", "160",
-        "--image-size", "32", "--convolutions", "1", "--dense-units", "8",
-        "--epochs", str(epochs), "--batch-size", "8", "--randomize-images", "false",
-        "--experiment-name", "outage", "--registered-model-name", "outage-model",
-        "--export-savedmodel", "false",
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--data-source",
+        "demo",
+        "--data-dir",
+        str(tmp_path / "demo"),
+        "--demo-samples",
+        "160",
+        "--image-size",
+        "32",
+        "--convolutions",
+        "1",
+        "--dense-units",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--randomize-images",
+        "false",
+        "--experiment-name",
+        "outage",
+        "--registered-model-name",
+        "outage-model",
+        "--export-savedmodel",
+        "false",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, **extra_env}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def _wait_for_first_epoch(store: str, process: subprocess.Popen, timeout: float = 180) -> str:
@@ -306,8 +333,9 @@ def test_make_server_starts_once_and_stops_only_its_own_process(tmp_path):
     script = str(ROOT / "tracking_server" / "local_server.sh")
 
     def run(action: str) -> str:
-        done = subprocess.run(["bash", script, action], env=env, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
+        done = subprocess.run(
+            ["bash", script, action], env=env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
@@ -346,7 +374,10 @@ def test_every_file_the_server_image_copies_is_in_the_build_context():
     from engine.provenance import context_files
 
     sent = set(context_files(ROOT))
-    copies = [line.split()[1:-1] for line in (ROOT / "tracking_server/Dockerfile").read_text()
-              .splitlines() if line.startswith("COPY ")]  # fmt: skip
+    copies = [
+        line.split()[1:-1]
+        for line in (ROOT / "tracking_server/Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
     sources = [source for sources in copies for source in sources]
     assert sources and set(sources) <= sent, set(sources) - sent

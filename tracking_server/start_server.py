@@ -120,15 +120,22 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_AUTH_ADMIN_USERNAME", "admin")
 
     command = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--app-name", "basic-auth",
-        "--backend-store-uri", backend,
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        backend,
         "--serve-artifacts",
-        "--artifacts-destination", f"s3://{bucket}/",
-        "--host", os.environ.get("MLFLOW_HOST", "0.0.0.0"),
-        "--port", os.environ.get("MLFLOW_PORT", "5000"),
-        "--workers", os.environ.get("MLFLOW_WORKERS", "2"),
-    ]  # fmt: skip
+        "--artifacts-destination",
+        f"s3://{bucket}/",
+        "--host",
+        os.environ.get("MLFLOW_HOST", "0.0.0.0"),
+        "--port",
+        os.environ.get("MLFLOW_PORT", "5000"),
+        "--workers",
+        os.environ.get("MLFLOW_WORKERS", "2"),
+    ]
     if os.environ.get("MLFLOW_ALLOWED_HOSTS"):
         command += ["--allowed-hosts", os.environ["MLFLOW_ALLOWED_HOSTS"]]
     print(f"start_server: {' '.join(command)}", flush=True)
