@@ -9,7 +9,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from engine.config import RunConfig, UserError, parse_config
+from engine.config import UserError, parse_config
 
 if TYPE_CHECKING:
     from engine.training import TrainResult
@@ -57,7 +57,10 @@ def main(
     signals = exit_on_sigterm()
     # Imported once the flags are parsed and TF_CPP_MIN_LOG_LEVEL is set: it loads
     # TensorFlow and MLflow, which --help and a bad flag never need.
+    from engine.tracking import TrackingLost, bound_http_retries
     from engine.training import run_training
+
+    bound_http_retries()
 
     started = time.time()
     try:
@@ -65,6 +68,9 @@ def main(
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrackingLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception:
         # A SystemExit raised while TensorFlow's C++ was calling back into Python can
         # come out as another exception; the run is FAILED either way: exit as signalled.
@@ -72,22 +78,25 @@ def main(
             print(f"stopped by signal {signals[0]}", file=sys.stderr)
             return 128 + signals[0]
         raise
-    print_summary(cfg, result, time.time() - started)
+    print_summary(result, time.time() - started)
     return 0
 
 
-def print_summary(cfg: RunConfig, result: TrainResult, seconds: float) -> None:
+def print_summary(result: TrainResult, seconds: float) -> None:
     """What a user needs after a run: its id, the model version, the scores, where to look."""
     print(f"\ndone in {seconds:.0f} s")
     print(f"run_id: {result.run_id}")
     if result.model_version:
         print(
-            f"registered model: {cfg.registered_model_name} version {result.model_version}"
-            + (f" (alias {cfg.model_alias})" if cfg.model_alias else "")
+            f"registered model: {result.registered_model_name} version {result.model_version}"
+            + (f" (alias {result.model_alias})" if result.model_alias else "")
         )
-    print(f"best_epoch: {result.best_epoch + 1}")
+    print(f"best_epoch: {result.best_epoch}")
     if "val_accuracy" in result.metrics:
-        print(f"val_accuracy: {result.metrics['val_accuracy']:.4f}")
+        print(
+            f"val_accuracy: {result.metrics['val_accuracy']:.4f} (of the best epoch, "
+            f"{result.best_epoch}: its weights are the model; best_val_accuracy in the UI)"
+        )
     if "test_accuracy" in result.test_metrics:
         print(
             f"test_accuracy: {result.test_metrics['test_accuracy']:.4f} "

@@ -121,9 +121,10 @@ class ImageListing:
         parts = [f"{self.loops} back to a folder or file already listed"] if self.loops else []
         if self.outside:
             parts.append(f"{self.outside} leading out of {folder}")
+        follow = " (--follow-links-out true follows links out)" if self.outside else ""
         return (
             f"{folder}: skipped {self.skipped_links} link(s) ({', '.join(parts)}); "
-            "each image file is read once, from inside its own folder"
+            f"each image file is read once, from inside its own folder{follow}"
         )
 
 

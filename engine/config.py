@@ -62,6 +62,9 @@ class RunConfig:
         "the decoded-image cache every run shares (default /storage/cache when /storage is "
         "writable, else ./.cache/images)",
     )
+    follow_links_out: bool = knob(
+        False, "imagedir: follow links that lead out of a class folder (by default skipped)"
+    )
     class_weight: str = knob(
         "none", "none, or balanced: weight each class's loss by 1 / its share of training images"
     )
@@ -99,6 +102,11 @@ class RunConfig:
     run_name: str = knob("", "MLflow run name (default: the network's name and the data source)")
     registered_model_name: str = knob(
         "image-classifier", "register the model under this name ('' = do not register)"
+    )
+    allow_class_change: bool = knob(
+        False,
+        "add a version to the registered model even when its latest version was trained "
+        "on other classes (by default refused before training: a fork names its own model)",
     )
     model_alias: str = knob("candidate", "alias given to the new model version")
     export_savedmodel: bool = knob(True, "also log a TensorFlow Serving SavedModel")

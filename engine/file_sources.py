@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from engine.common import IMAGE_EXTENSIONS, image_files
+from engine.common import IMAGE_EXTENSIONS, list_images
 from engine.config import RunConfig, UserError
 from engine.images import SPLIT_ALIASES, DataInfo, files_pipeline, label_index
 
@@ -52,7 +52,10 @@ def load_imagedir(folder: str, cfg: RunConfig) -> Pipelines:
         raise UserError(f"{root} has no class sub-folders{hint if loose else ''}")
     paths, labels, empty = [], [], []
     for index, class_dir in enumerate(class_dirs):
-        files = image_files(class_dir)
+        listing = list_images(class_dir, cfg.follow_links_out)
+        if listing.skipped_links:
+            print(f"note: {listing.describe_skipped(class_dir)}")
+        files = listing.files
         if not files:
             empty.append(class_dir.name)
         paths += files

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from engine import checkpoints
+from engine import checkpoints, tracking
 from engine.config import RunConfig, UserError
 
 
@@ -43,7 +44,7 @@ def log_missing_epochs(run_id: str, state: checkpoints.TrainingState) -> int:
     missing: dict[int, dict[str, float]] = {}
     for name, values in state.history.items():
         logged = {m.step for m in client.get_metric_history(run_id, name)}
-        for step, value in enumerate(values):
+        for step, value in enumerate(values, start=1):  # steps count epochs from 1
             if step not in logged:
                 missing.setdefault(step, {})[name] = value
     for step, metrics in sorted(missing.items()):
@@ -51,11 +52,36 @@ def log_missing_epochs(run_id: str, state: checkpoints.TrainingState) -> int:
     return len(missing)
 
 
-def say_how_to_resume(run_id: str, cfg: RunConfig) -> None:
-    """Tag the stopped run as resumable and print the command that resumes it."""
+def resume_command(run_id: str, cfg: RunConfig) -> str:
+    """The command that resumes run_id from its checkpoint."""
     command = f"python train.py --resume-run-id {run_id}"
     if cfg.checkpoint_dir:
         command += f" --checkpoint-dir {cfg.checkpoint_dir}"
+    return command
+
+
+def tracking_lost(
+    err: Exception, uri: str, run_id: str, cfg: RunConfig
+) -> tracking.TrackingLost | None:
+    """One paragraph for a run whose tracking server stopped answering; None when err is
+    something else. Nothing was registered: the model is logged after the last epoch's
+    metrics reach the server."""
+    reason = tracking.server_unreachable(err)
+    if not reason or not run_id:
+        return None
+    budget = ", ".join(f"{k}={os.environ.get(k, v)}" for k, v in tracking.HTTP_RETRY_BUDGET.items())
+    return tracking.TrackingLost(
+        f"the tracking server at {uri} stopped answering during run {run_id} ({reason}); "
+        f"MLflow retried within its budget ({budget}). Nothing was registered. The server "
+        "could not be told, so the run shows RUNNING there until `make reap-runs` marks it "
+        "FAILED. Its checkpoint is kept: once the server is back, resume it into the same "
+        f"run with: {resume_command(run_id, cfg)}"
+    )
+
+
+def say_how_to_resume(run_id: str, cfg: RunConfig) -> None:
+    """Tag the stopped run as resumable and print the command that resumes it."""
+    command = resume_command(run_id, cfg)
     with contextlib.suppress(Exception):  # the server may be what failed
         mlflow.set_tag("resume_command", command)
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,41 @@ import keras
 
 from engine.common import PROJECT_DIR, check_tracking_uri  # noqa: F401 (re-exported)
 from engine.config import UserError
+
+# MLflow's own defaults retry a request for about 4 minutes (7 retries, backoff 2) with a
+# 120 s timeout each, so a server that died kept a run waiting ~1,000 s in the end. The
+# template's budget: a refused connection fails in about 30 s, a server that accepts but
+# never answers in about 3 min. Each is overridable in the environment.
+HTTP_RETRY_BUDGET = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingLost(Exception):
+    """The tracking server stopped answering during a run; the message says what to do."""
+
+
+def bound_http_retries() -> None:
+    """Set HTTP_RETRY_BUDGET where the environment does not say otherwise."""
+    for name, value in HTTP_RETRY_BUDGET.items():
+        os.environ.setdefault(name, value)
+
+
+def server_unreachable(err: BaseException) -> str:
+    """The reason when err (or an exception it came from) is a tracking server that gave
+    no answer, else ""."""
+    seen: BaseException | None = err
+    for _ in range(10):  # the chain: what the end of `with start_run()` raised, and why
+        if seen is None:
+            break
+        text = str(seen)
+        kind = type(seen).__name__
+        if "ConnectionError" in kind or "MaxRetryError" in kind or "Max retries exceeded" in text:
+            return " ".join(text.split())[:300]
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def local_tracking_uri() -> str:
@@ -59,8 +95,26 @@ def log_new_params(run_id: str, params: dict[str, Any]) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Add epoch_seconds and images_per_second (training images / wall time) to each epoch."""
+
+    def __init__(self, train_count: int):
+        super().__init__()
+        self.train_count, self.started = train_count, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        if logs is not None:
+            logs["epoch_seconds"] = seconds
+            logs["images_per_second"] = self.train_count / max(seconds, 1e-9)
+
+
 class MlflowMetrics(keras.callbacks.Callback):
-    """Log every epoch's train and validation metrics with step=epoch.
+    """Log every epoch's train and validation metrics with step = the epoch's number,
+    counted from 1 as Keras prints it (`Epoch 1/6` is step 1).
 
     When the tracking server does not answer, the epoch's metrics are kept and sent
     with the next epoch's, so a server restart mid-run loses nothing; the last try
@@ -81,11 +135,11 @@ class MlflowMetrics(keras.callbacks.Callback):
         while self.pending:
             epoch, metrics = self.pending[0]
             try:
-                mlflow.log_metrics(metrics, step=epoch)
+                mlflow.log_metrics(metrics, step=epoch + 1)
             except Exception as err:
                 if final:
                     raise
-                print(f"warning: could not log epoch {epoch} metrics ({err}); will retry")
+                print(f"warning: could not log epoch {epoch + 1} metrics ({err}); will retry")
                 return
             self.pending.pop(0)
 
@@ -170,6 +224,20 @@ def log_model(
             registered_model_name, model_alias, str(version)
         )
     return model_info.model_uri, None if version is None else str(version)
+
+
+def check_registered_classes(cfg, class_names: list[str]) -> None:
+    """Raise UserError before training when the run would add a version with other classes
+    to a registered model (registered_classes_problem), unless cfg.allow_class_change."""
+    import mlflow
+
+    if not cfg.registered_model_name or cfg.allow_class_change or cfg.resume_run_id:
+        return
+    problem = registered_classes_problem(
+        mlflow.MlflowClient(), cfg.registered_model_name, class_names
+    )
+    if problem:
+        raise UserError(problem)
 
 
 def registered_classes_problem(client, name: str, class_names: list[str]) -> str:

@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,13 @@ from engine.data_contract import LoadData, check_data
 from engine.devices import choose_strategy, set_precision
 from engine.images import DataInfo
 from engine.network import Head, build_network, check_monitor, encode_labels, weigh_classes
-from engine.resuming import log_missing_epochs, open_resumed_run, resumed_config, say_how_to_resume
+from engine.resuming import (
+    log_missing_epochs,
+    open_resumed_run,
+    resumed_config,
+    say_how_to_resume,
+    tracking_lost,
+)
 from engine.scoring import log_evaluation, log_test
 
 DefineNetwork = Callable[[tuple[int, int, int], int, Any], keras.Model]
@@ -50,8 +55,10 @@ class TrainResult:
     model_version: str | None  # registered version, None when not registered
     metrics: dict[str, float]  # the best epoch's metrics
     tracking_uri: str
-    best_epoch: int  # 0-based, as the metrics' steps
+    best_epoch: int  # numbered from 1, as Keras prints epochs and as the metrics' steps
     test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # test_* once
+    registered_model_name: str = ""  # the run's own (a resumed run's, not the command line's)
+    model_alias: str = ""
 
 
 @dataclass
@@ -71,23 +78,6 @@ class RunSetup:
     model: keras.Model
     head: Head
     weights: dict[int, float] | None  # class weights, None: unweighted
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Add epoch_seconds and images_per_second (training images / wall time) to each epoch."""
-
-    def __init__(self, train_count: int):
-        super().__init__()
-        self.train_count, self.started = train_count, 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.started
-        if logs is not None:
-            logs["epoch_seconds"] = seconds
-            logs["images_per_second"] = self.train_count / max(seconds, 1e-9)
 
 
 def run_training(
@@ -116,13 +106,20 @@ def run_training(
     setup = prepare(cfg, load_data, define_network)
     cfg, state = setup.cfg, setup.state
     best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
-    with open_run(setup) as active:
-        run_id = active.info.run_id
-        folder = setup.checkpoint_root / run_id
-        print(f"logging to {setup.tracking_uri}, run {run_id}")
-        log_setup(setup, run_id, folder, tags)
-        fit(setup, run_id, folder, best, callbacks)
-        best_metrics, test_metrics, model_uri, model_version = log_results(setup)
+    run_id = ""
+    try:
+        with open_run(setup) as active:
+            run_id = active.info.run_id
+            folder = setup.checkpoint_root / run_id
+            print(f"logging to {setup.tracking_uri}, run {run_id}")
+            log_setup(setup, run_id, folder, tags)
+            fit(setup, run_id, folder, best, callbacks)
+            best_metrics, test_metrics, model_uri, model_version = log_results(setup)
+    except Exception as err:
+        lost = tracking_lost(err, setup.tracking_uri, run_id, cfg)
+        if lost is None:
+            raise
+        raise lost from None
     if not cfg.keep_checkpoints:
         checkpoints.remove(folder)
 
@@ -132,8 +129,10 @@ def run_training(
         model_version=model_version,
         metrics=best_metrics,
         tracking_uri=setup.tracking_uri,
-        best_epoch=state.best_epoch,
+        best_epoch=state.best_epoch + 1,
         test_metrics=test_metrics,
+        registered_model_name=cfg.registered_model_name,
+        model_alias=cfg.model_alias,
     )
 
 
@@ -174,6 +173,7 @@ def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) 
     outputs = "one sigmoid output" if head.binary else f"{head.units} softmax outputs"
     print(f"  {model.name}: {model.count_params():,} parameters, {outputs}, {policy}")
     check_monitor(model, val_ds, head, info.num_classes, cfg.monitor)
+    tracking.check_registered_classes(cfg, info.class_names)  # the registry, last
     weights = class_weights(cfg.class_weight, info)
     if head.binary and not cfg.resume_run_id:
         init_output_bias(model, info)
@@ -281,7 +281,7 @@ def fit(
     metrics_logger = tracking.MlflowMetrics()
     # order matters: time the epoch, pick the best, checkpoint, then log
     all_callbacks = [
-        EpochTimer(info.train_count),
+        tracking.EpochTimer(info.train_count),
         best,
         checkpoints.Checkpointer(folder, state, best),
         metrics_logger,
@@ -314,7 +314,7 @@ def log_results(setup: RunSetup) -> tuple[dict[str, float], dict[str, float], st
     """
     cfg, state, model = setup.cfg, setup.state, setup.model
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
-    mlflow.log_metric("best_epoch", state.best_epoch)
+    mlflow.log_metric("best_epoch", state.best_epoch + 1)  # numbered from 1, as the steps
     mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})
     print(
         f"best epoch: {state.best_epoch + 1} of {state.epoch + 1} "

@@ -304,7 +304,7 @@ def test_make_run_trains_in_docker_and_logs_to_the_loopback_server(
     assert run.data.params["epochs"] == "1"
     for metric in ("loss", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run_id, metric)
-        assert [point.step for point in history] == [0], metric  # one value per epoch
+        assert [point.step for point in history] == [1], metric  # one value per epoch
 
     artifacts = {item.path for item in client.list_artifacts(run_id)}
     assert artifacts, "no artifacts uploaded through the server"

@@ -4,6 +4,7 @@ folder, class names that clash as metric names."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import subprocess
@@ -278,3 +279,127 @@ def test_a_missing_champion_says_to_run_make_validate_not_to_train(tracking_stor
     assert "Train one" not in str(caught.value)
     with pytest.raises(UserError, match="Train one"):
         resolve_model("champion", "no-such-model")
+
+
+# ----------------------------------------------------------------------------
+# A tracking server that dies mid-run and stays down
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_ends_it_in_bounded_time_and_it_resumes_later(
+    tmp_path, monkeypatch
+):
+    """Long because it is one story: the server dies, the run ends with the fix, the server
+    comes back, and the same run resumes and registers."""
+    import time
+
+    import keras
+    import mlflow
+
+    from engine.tracking import TrackingLost
+    from tests.conftest import tiny_config, train_and_log
+    from tests.servers import MlflowServer
+
+    server = MlflowServer(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), tmp_path / "log"
+    ).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    # a smaller budget than the template's, so the test is quick; the path is the same
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+    class KillServer(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                server.stop()
+
+    cfg = tiny_config(
+        data_dir=str(tmp_path / "demo"),
+        epochs=3,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        system_metrics=False,
+    )
+    import train
+    from engine import training
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrackingLost) as caught:
+            training.run_training(
+                cfg, train.load_data, train.define_network, callbacks=[KillServer()]
+            )
+        took = time.monotonic() - started
+        message = str(caught.value)
+        run_id = message.split("during run ")[1].split(" ")[0]
+        assert "stopped answering" in message and "Nothing was registered" in message
+        assert f"--resume-run-id {run_id}" in message
+        assert took < 180, f"the run hung {took:.0f} s after the server died"
+        assert (tmp_path / "checkpoints" / run_id).is_dir()
+
+        server.start()  # back, on the same port and store
+        client = mlflow.MlflowClient(server.url)
+        assert client.search_model_versions("name = 'tiny-classifier'") == []
+        assert client.get_run(run_id).info.status == "RUNNING"
+        resumed = train_and_log(
+            tiny_config(
+                data_dir=str(tmp_path / "demo"),
+                resume_run_id=run_id,
+                checkpoint_dir=str(tmp_path / "checkpoints"),
+            )
+        )
+        assert resumed.run_id == run_id and resumed.model_version == "1"
+        assert client.get_run(run_id).info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
+        assert steps == [1, 2, 3]
+    finally:
+        server.stop()
+
+
+def test_a_lost_server_ends_train_py_with_one_paragraph_and_exit_1(monkeypatch, capsys):
+    import train
+    from engine import cli, training
+    from engine.tracking import TrackingLost
+
+    def lost(*args, **kwargs):
+        raise TrackingLost("the tracking server at http://x stopped answering during run r1")
+
+    monkeypatch.setattr(training, "run_training", lost)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # put back as it was after the test
+    code = cli.main(train.Config, train.load_data, train.define_network, ["--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: the tracking server" in err and "Traceback" not in err
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        assert os.environ.get(name), f"{name}: the template's retry budget is not set"
+
+
+def test_a_forks_run_cannot_add_its_classes_to_the_demos_registered_model(tracking_store, tmp_path):
+    import mlflow
+
+    from engine.config import UserError
+    from engine.sources import make_demo_data
+    from tests.conftest import tiny_config, train_and_log
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("demo-runs")
+    demo_run = client.create_run(experiment)
+    client.log_param(demo_run.info.run_id, "class_names", "parasitized,uninfected")
+    client.create_registered_model("tiny-classifier")
+    client.create_model_version("tiny-classifier", "file:///nowhere", demo_run.info.run_id)
+    for name in ("cat", "dog"):
+        make_demo_data(tmp_path / "pets" / name, 12, 32, seed=len(name))
+        for image in (tmp_path / "pets" / name).rglob("*.png"):
+            image.rename(tmp_path / "pets" / name / image.name)
+    cfg = tiny_config(data_source="imagedir", data_dir=str(tmp_path / "pets"))
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(UserError) as caught:
+        train_and_log(cfg)
+    message = str(caught.value)
+    assert "[parasitized, uninfected]" in message and "[cat, dog]" in message
+    assert "--registered-model-name" in message and "--allow-class-change" in message
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    assert train_and_log(dataclasses.replace(cfg, allow_class_change=True)).model_version == "2"
+    versions = client.search_model_versions("name = 'tiny-classifier'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]

@@ -30,4 +30,4 @@ def test_epoch_metrics_are_kept_while_the_server_fails_then_sent(tracking_store,
 
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     steps = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
-    assert steps == [(0, 1.0), (1, 0.8), (2, 0.6)]
+    assert steps == [(1, 1.0), (2, 0.8), (3, 0.6)]  # epochs numbered from 1

@@ -89,7 +89,7 @@ def test_run_survives_server_and_database_restart(postgres, client_env, tmp_path
         assert run.data.params["data_source"] == "demo"
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             steps = [m.step for m in client.get_metric_history(result.run_id, key)]
-            assert steps == [0, 1], f"{key} history after restart: {steps}"
+            assert steps == [1, 2], f"{key} history after restart: {steps}"
         top = {f.path for f in client.list_artifacts(result.run_id)}
         assert {"plots", "tf_serving", "model_summary.txt"} <= top
         # Proxied artifacts: they are in the server's store, not in a client-side folder.

@@ -116,16 +116,18 @@ def test_the_registered_model_is_the_best_epoch(tracking_store, tmp_path, capsys
         m.value
         for m in sorted(client.get_metric_history(result.run_id, "val_loss"), key=lambda m: m.step)
     ]
-    best = int(np.argmin(val_loss))
+    best = int(np.argmin(val_loss)) + 1  # epochs are numbered from 1, as Keras prints them
     assert run.data.metrics["best_epoch"] == best == result.best_epoch
-    assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best])
+    assert run.data.metrics["best_val_loss"] == pytest.approx(val_loss[best - 1])
     # the registered weights are that epoch's: they score its val_loss on the same images
     _, val_ds, _ = train.load_data(cfg)
     model = load_network(f"models:/tiny-classifier/{result.model_version}")
     labels, probs = predict_probabilities(model, val_ds)
-    assert classification_metrics(labels, probs)["loss"] == pytest.approx(val_loss[best], rel=1e-3)
+    assert classification_metrics(labels, probs)["loss"] == pytest.approx(
+        val_loss[best - 1], rel=1e-3
+    )
     out = capsys.readouterr().out
-    assert f"best epoch: {best + 1} of 4 (val_loss {val_loss[best]:.4f})" in out
+    assert f"best epoch: {best} of 4 (val_loss {val_loss[best - 1]:.4f})" in out
 
 
 def frozen_network(input_shape, num_classes, cfg):
@@ -143,7 +145,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs(tracking_store, tmp_p
     cfg = tiny_config(data_dir=str(tmp_path / "demo"), epochs=10, early_stopping_patience=2)
     result = train_and_log(cfg)
     steps = [m.step for m in MlflowClient().get_metric_history(result.run_id, "val_loss")]
-    assert sorted(steps) == [0, 1, 2] and result.best_epoch == 0
+    assert sorted(steps) == [1, 2, 3] and result.best_epoch == 1
 
 
 @pytest.mark.slow
@@ -155,7 +157,7 @@ def test_a_run_records_speed_system_metrics_and_best_epoch(tracking_store, tmp_p
     client = MlflowClient()
     for name in ("epoch_seconds", "images_per_second"):
         history = client.get_metric_history(result.run_id, name)
-        assert sorted(m.step for m in history) == [0, 1, 2] and all(m.value > 0 for m in history)
+        assert sorted(m.step for m in history) == [1, 2, 3] and all(m.value > 0 for m in history)
     metrics = client.get_run(result.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
     assert "best_epoch" in metrics and "final_val_auc" in metrics
@@ -236,7 +238,7 @@ def test_a_killed_run_resumes_into_the_same_run(tracking_store, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
-    assert steps == list(range(8)), steps  # each epoch once: no gap, no duplicate
+    assert steps == list(range(1, 9)), steps  # each epoch once: no gap, no duplicate
     versions = client.search_model_versions("name='resumed'")
     assert [v.run_id for v in versions] == [run_id]
     assert not (tmp_path / "ckpt" / run_id).exists(), "a finished run's checkpoints are removed"

@@ -160,6 +160,7 @@ def test_a_train_flag_pins_a_parameter_and_param_overrides_the_file(tmp_path):
 # ---------------------------------------------------------------- whole studies
 
 
+@pytest.mark.slow
 def test_workers_pull_trials_into_one_parent_run_and_the_best_is_registered(
     tracking_store, tmp_path, demo_flags
 ):
@@ -216,6 +217,7 @@ def test_workers_pull_trials_into_one_parent_run_and_the_best_is_registered(
     assert client.get_model_version_by_alias("tuned", "candidate").version == versions[0].version
 
 
+@pytest.mark.slow
 def test_a_bad_trial_is_pruned_and_a_study_resumes_after_a_dead_worker(
     tracking_store, tmp_path, demo_flags
 ):
@@ -273,6 +275,8 @@ def test_a_bad_trial_is_pruned_and_a_study_resumes_after_a_dead_worker(
     assert {c.info.run_id for c in children} >= {t.user_attrs["mlflow_run_id"] for t in trials}
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 @pytest.mark.skipif(find_postgres_bindir() is None, reason="PostgreSQL binaries not installed")
 def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
     server = PostgresServer(user="tuner", database="studies").start()
@@ -329,6 +333,7 @@ def test_docker_workers_need_a_shared_storage_and_a_tracking_server(storage, tra
     assert (says in problem) if says else problem == ""
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_study_its_trials_fail_and_it_continues(
     tracking_store, tmp_path, demo_flags
 ):
