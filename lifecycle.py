@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> None:
 
         reaping.reap_runs(args.experiment, args.stale_minutes, args.dry_run)
         return
+    from engine.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # the commands below load TensorFlow
     import train  # the fork's Config (its model name and data knobs) and load_data
 
     name = train.Config().registered_model_name

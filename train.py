@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import keras
-
 from engine import RunConfig, UserError, knob
 from engine import sources as src
 
 if TYPE_CHECKING:
+    import keras
     import tensorflow as tf
 
     from engine.images import DataInfo
@@ -156,6 +155,8 @@ def define_network(input_shape: tuple[int, int, int], num_classes: int, cfg: Con
         cfg: convolutions (0 = VGG16), weights, fine_tune_layers, dense_units,
             dropout, randomize_images, seed.
     """
+    import keras  # here, not at the top: `train.py --help` and lifecycle need no TensorFlow
+
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     if cfg.randomize_images:  # active only while training

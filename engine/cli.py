@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.config import UserError, parse_config
@@ -36,6 +37,30 @@ def exit_on_sigterm() -> list[int]:
     return signals
 
 
+def quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up lines sent to /dev/null, on a machine
+    without an NVIDIA GPU.
+
+    Those lines (oneDNN, CUDA stubs, CPU instructions, a failed cuInit) are printed before
+    any log level applies, twice, and read like errors on a CPU machine. A GPU machine keeps
+    them (they say why a GPU was not used), and so does TF_CPP_MIN_LOG_LEVEL=0.
+    """
+    has_gpu = any(Path("/dev").glob("nvidia[0-9]*"))
+    if "tensorflow" in sys.modules or has_gpu or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf  # the import is the point
+
+        tf.config.list_physical_devices("GPU")  # where cuInit fails on a CPU machine
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(
     config_cls: type,
     load_data,
@@ -55,6 +80,7 @@ def main(
     # pass ends, and Keras then warns that the input "ran out of data". Harmless.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     signals = exit_on_sigterm()
+    quiet_tensorflow()
     # Imported once the flags are parsed and TF_CPP_MIN_LOG_LEVEL is set: it loads
     # TensorFlow and MLflow, which --help and a bad flag never need.
     from engine.tracking import TrackingLost, bound_http_retries

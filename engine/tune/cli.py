@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.cli import quiet_tensorflow
 from engine.config import MONITORS, UserError, add_config_flags, build_parser
 from engine.tune.settings import (
     DIRECTIONS,
@@ -167,12 +168,14 @@ def main(argv: list[str] | None = None, launcher: Launcher | None = None) -> int
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if argv[:1] == ["worker"]:
+        quiet_tensorflow()
         # here, not at the top: a worker trains, so it imports TensorFlow and Keras
         from engine.tune.worker import worker_main
 
         return worker_main(argv[1], int(argv[2]))
     try:
         settings, workers, trials = prepare(argv)
+        quiet_tensorflow()
         # here, not at the top: the coordinator imports MLflow and TensorFlow, which
         # `--help` and the host's `from engine import tune` must not wait for
         from engine.tune.coordinator import open_study, run_study
