@@ -14,8 +14,8 @@ or just an alias or version number of --model-name (default image-classifier).
 
 This file is the door: it parses the flags and calls one function of the engine
 (registry, validation, prediction, client, reaping). From train.py it uses only the
-public hooks, Config and load_data, and hands them to the engine. Importing it loads
-neither TensorFlow nor MLflow, so --help and `request` answer at once.
+public hooks, Config and load_data, and hands them to the engine. Importing it (and
+train.py) loads neither TensorFlow nor MLflow, so --help and `request` answer at once.
 
 Tracking goes to $MLFLOW_TRACKING_URI, or to the local store in this folder, as for
 train.py.
@@ -27,11 +27,10 @@ import argparse
 import dataclasses
 import sys
 
-from engine.config import RunConfig, UserError, add_config_flags, config_from, parse_bool
+import train  # the fork's Config (its model name and data knobs) and load_data; light
+from engine.config import UserError, add_config_flags, config_from, parse_bool
 
-# What --help shows; a fork's train.Config may rename the model, which a command reads when
-# it runs (importing train.py takes seconds: it imports TensorFlow).
-BASE_MODEL_NAME = RunConfig().registered_model_name
+MODEL_NAME = train.Config().registered_model_name
 # validate's own flags; every other Config knob is a flag too, so a fork's own data
 # source gets the knobs its load_data reads.
 VALIDATE_OWN_FLAGS = ("experiment_name",)
@@ -48,15 +47,6 @@ VALIDATE_OPTIONS = (
 METRICS = ["accuracy", "auc", "loss", "precision", "recall", "f1"]
 
 
-class NamedDefault(str):
-    """A default naming the model: RunConfig's name in --help, train.Config's when it runs."""
-
-    def __new__(cls, template: str) -> NamedDefault:
-        value = super().__new__(cls, template.format(name=BASE_MODEL_NAME))
-        value.template = template
-        return value
-
-
 def _model_flags(alias: str) -> list[tuple[str, dict]]:
     """--model (default models:/NAME@alias) and --model-name: which model a command uses."""
     model_help = (
@@ -65,8 +55,8 @@ def _model_flags(alias: str) -> list[tuple[str, dict]]:
     )
     name_help = "registered model a bare alias refers to"
     return [
-        ("--model", {"default": NamedDefault("models:/{name}@" + alias), "help": model_help}),
-        ("--model-name", {"default": NamedDefault("{name}"), "help": name_help}),
+        ("--model", {"default": f"models:/{MODEL_NAME}@{alias}", "help": model_help}),
+        ("--model-name", {"default": MODEL_NAME, "help": name_help}),
     ]
 
 
@@ -106,7 +96,7 @@ COMMANDS = {
         ("images", dict(nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP)")),
     ]),
     "export": ("write a TF Serving SavedModel", [*_model_flags("champion"),
-        ("--output", dict(default=NamedDefault("outputs/serving/{name}"),
+        ("--output", dict(default=f"outputs/serving/{MODEL_NAME}",
                           help="TF Serving model base path; the version folder goes inside")),
         ("--version", dict(type=int, default=1, help="version folder number")),
     ]),
@@ -120,7 +110,7 @@ COMMANDS = {
 }  # fmt: skip
 
 
-def build_parser(data_config: type | None = None) -> argparse.ArgumentParser:
+def build_parser(data_config: type = train.Config) -> argparse.ArgumentParser:
     """The command-line parser; validate gets a flag per field of data_config (train.Config)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,7 +121,7 @@ def build_parser(data_config: type | None = None) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, formatter_class=formatter)
         for flag, options in flags:
             command.add_argument(flag, **options)
-        if name == "validate" and data_config is not None:
+        if name == "validate":
             knobs = {f.name for f in dataclasses.fields(data_config)} - set(VALIDATE_OWN_FLAGS)
             add_config_flags(command, data_config, knobs)
     return parser
@@ -156,12 +146,6 @@ def run(args: argparse.Namespace) -> None:
     from engine.cli import quiet_tensorflow
 
     quiet_tensorflow()  # the commands below load TensorFlow
-    import train  # the fork's Config (its model name and data knobs) and load_data
-
-    name = train.Config().registered_model_name
-    for key, value in list(vars(args).items()):
-        if isinstance(value, NamedDefault):
-            setattr(args, key, value.template.format(name=name))
     if args.command == "validate":
         from engine import validation
 
@@ -183,13 +167,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse argv, run the command; a UserError prints one paragraph and returns 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    data_config = None
-    if argv[:1] == ["validate"]:  # its flags come from train.Config (importing it takes seconds)
-        import train
-
-        data_config = train.Config
-    args = build_parser(data_config).parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         run(args)
     except UserError as err:
