@@ -54,6 +54,9 @@ def log_test(model: keras.Model, info: DataInfo) -> dict[str, float]:
     scores.update(evaluation.per_class_metrics(labels, probs, info.class_names))
     scores = {f"test_{name}": value for name, value in scores.items()}
     mlflow.log_metrics(scores)
+    names = evaluation.class_metric_names(info.class_names)
+    if any(safe != name for name, safe in names.items()):  # which metric is whose
+        mlflow.log_dict(names, "class_metric_names.json")
     with tempfile.TemporaryDirectory() as tmp:
         evaluation.save_plots(labels, probs, info.class_names, Path(tmp), split="test")
         mlflow.log_artifacts(tmp, "plots/test")
