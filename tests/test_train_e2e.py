@@ -106,6 +106,8 @@ def test_class_names_with_spaces_accents_and_punctuation(tracking_store, tmp_pat
     assert run.data.params["class_counts.test"] == "P. falciparum=2, négatif (sain)=2"
     assert "test_recall_P. falciparum" in run.data.metrics
     assert "test_recall_négatif _sain_" in run.data.metrics
+    names = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/class_metric_names.json")
+    assert names == {"P. falciparum": "P. falciparum", "négatif (sain)": "négatif _sain_"}
 
 
 def test_failed_run_is_marked_failed_and_registers_nothing(tracking_store, tmp_path, monkeypatch):
