@@ -34,35 +34,15 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     scores = {
         "accuracy": float(metrics.accuracy_score(labels, predicted)),
         "loss": float(-np.log(picked).mean()),
-        "precision": float(
-            metrics.precision_score(
-                labels,
-                predicted,
-                average=average,
-                labels=None if binary else every_class,
-                zero_division=0,
-            )
-        ),
-        "recall": float(
-            metrics.recall_score(
-                labels,
-                predicted,
-                average=average,
-                labels=None if binary else every_class,
-                zero_division=0,
-            )
-        ),
-        "f1": float(
-            metrics.f1_score(
-                labels,
-                predicted,
-                average=average,
-                labels=None if binary else every_class,
-                zero_division=0,
-            )
-        ),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
     }
+    options = {"average": average, "labels": None if binary else every_class, "zero_division": 0}
+    for name, score in (
+        ("precision", metrics.precision_score),
+        ("recall", metrics.recall_score),
+        ("f1", metrics.f1_score),
+    ):
+        scores[name] = float(score(labels, predicted, **options))
+    scores["balanced_accuracy"] = float(metrics.balanced_accuracy_score(labels, predicted))
     area = roc_auc(labels, probs)
     if area is not None:
         scores["auc"] = area
