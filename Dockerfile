@@ -1,6 +1,6 @@
 # The training image that `make build` makes and `make run` (mlflow run) starts.
 # Layers go from slowest-changing to fastest: the TensorFlow base, git, the
-# pinned Python requirements, the user, and last the project code, so editing
+# locked Python packages, the user, and last the project code, so editing
 # train.py rebuilds only the final COPY (seconds).
 #
 # BASE_IMAGE overrides the base, for example a CPU image or a local one:
@@ -28,10 +28,18 @@ RUN command -v git >/dev/null || { \
         && rm -rf /var/lib/apt/lists/*; } \
     && { command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python; }
 
-# The same pinned file as .venv, so the image and the local environment agree.
-# On the TensorFlow base, tensorflow==2.21.0 is already there and pip keeps it.
-COPY requirements.txt /tmp/requirements.txt
-RUN python3 -m pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+# The runtime lock (lock/runtime.txt, which `make lock` makes from requirements.txt):
+# every package pinned with its hash, at the versions .venv has, so the image and the
+# local environment cannot drift. On the TensorFlow base, tensorflow==2.21.0 (the lock's
+# version: tests/test_lock.py checks) and every package already at its locked version
+# are kept; the others are installed from the lock. The base's own packages are listed
+# first, so that a run names only what was installed beside base and lock
+# (engine/environment.py, the env.* tags).
+ENV BASE_IMAGE_PACKAGES=/etc/base-image-packages.txt
+COPY lock/runtime.txt /tmp/runtime.txt
+RUN { python3 -m pip list --format=freeze >"${BASE_IMAGE_PACKAGES}" 2>/dev/null || true; } \
+    && python3 -m pip install --require-hashes --no-deps -r /tmp/runtime.txt \
+    && rm /tmp/runtime.txt
 
 # Train as a non-root user. project_driver.bash runs the container with the
 # caller's uid:gid (or this user's when the caller is root), so files written to

@@ -11,19 +11,23 @@ ARGS ?=
 TFDS_DIR ?= /storage/tfdata
 DATASET ?= malaria
 
-.PHONY: help env quickstart train tune ui load_tfdata mlproject test test-no-docker test-fast lint format bench cache-clean clean
+.PHONY: help env lock quickstart train tune ui load_tfdata mlproject test test-no-docker test-fast lint format bench cache-clean clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-# The stamp is rebuilt only when a requirements file changes.
-$(VENV)/.installed: requirements.txt tests/requirements.txt tracking_server/requirements.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r tests/requirements.txt
-	touch $@
+# .venv holds exactly lock/dev.txt, every package pinned with its hash (lock/env.sh).
+# The stamp is rebuilt when a lock or a requirements file changes; requirements the locks
+# were not made from stop here, naming `make lock`. INSTALLER=pip installs the same
+# lock with pip instead of uv; VENV=/some/path builds the environment elsewhere.
+INSTALLER ?= uv
+$(VENV)/.installed: lock/dev.txt lock/uv.txt lock/uv.in requirements.txt tests/requirements.txt tracking_server/requirements.txt
+	@bash lock/env.sh install $(VENV) $(PYTHON) $(INSTALLER)
 
-env: $(VENV)/.installed ## create .venv from the pinned requirements
+env: $(VENV)/.installed ## create .venv from the lock (lock/dev.txt, hashes checked) in seconds
+
+lock: ## regenerate lock/ from the requirements files (needs the registry; UPGRADE=1 moves every unpinned package to its newest)
+	@bash lock/env.sh lock $(VENV) $(PYTHON) $(if $(UPGRADE),--upgrade)
 
 quickstart: $(VENV)/.installed ## train a small CNN on offline demo data, log and register it locally
 	$(BIN)/python train.py --data-source demo --image-size 64 --convolutions 3 \
