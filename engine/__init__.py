@@ -26,6 +26,7 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     checkpoints   the best epoch, per-epoch checkpoints and restoring them
     resuming      a crashed run reopened: its config, its missing epochs, how to resume
     provenance    which code a folder or image holds; stops a run on the wrong code
+    environment   the lock a run's packages came from (lock/): its digest and drift, as run tags
     dockerignore  which files `docker build` sends, read the way Docker reads them
     cli           main(): flags, errors without tracebacks, signals
     mlproject     the MLproject `main` entry point, written from a Config

@@ -28,7 +28,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from engine import checkpoints, provenance, tracking
+from engine import checkpoints, environment, provenance, tracking
 from engine.balance import class_weights, describe_counts, init_output_bias, warn_imbalance
 from engine.common import PROJECT_DIR
 from engine.config import RunConfig
@@ -226,6 +226,8 @@ def log_setup(setup: RunSetup, run_id: str, folder: Path, tags: dict[str, str] |
             # `lifecycle.py reap-runs` marks the run FAILED once this process is gone
             "process.host": socket.gethostname(),
             "process.pid": str(os.getpid()),
+            # the packages it ran with: lock/runtime.txt's digest, and any drift from it
+            **environment.tags(),
             **(tags or {}),
         }
     )

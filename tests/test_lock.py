@@ -271,3 +271,17 @@ def test_no_registry_stops_make_env_and_a_venv_that_was_there_loses_only_its_sta
         result.stderr
     )
     assert (venv / "bin/python").exists() and not (venv / ".installed").exists()
+
+
+def test_a_run_is_tagged_with_the_lock_it_ran_with(tracking_store, tmp_path):
+    import mlflow
+
+    from engine import environment
+    from tests.conftest import tiny_config, train_and_log
+
+    result = train_and_log(tiny_config(data_dir=str(tmp_path / "demo")))
+    tags = mlflow.MlflowClient().get_run(result.run_id).data.tags
+    expected = environment.tags()
+    assert tags["env.lock_digest"] == expected["env.lock_digest"]
+    assert tags["env.matches_lock"] in ("true", "false")
+    assert tags["env.matches_lock"] == expected["env.matches_lock"]
