@@ -60,7 +60,8 @@ def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 
 
 def _orientation(path) -> np.int32:
-    header = read_header(bytes(np.asarray(path).item()).decode())
+    value = np.asarray(path).item()  # bytes in a graph, str when called eagerly with a str
+    header = read_header(value.decode() if isinstance(value, bytes) else str(value))
     return np.int32(header.orientation if header else 1)
 
 

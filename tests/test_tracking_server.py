@@ -7,6 +7,7 @@ not installable from PyPI or Debian; the compose stack uses MinIO, both speak S3
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -126,7 +127,7 @@ def test_team_server_entry_point_with_s3_and_basic_auth(postgres, client_env, tm
         "MLFLOW_ARTIFACTS_BUCKET": "team-artifacts",
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef" * 4,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": hashlib.sha256(b"a test key").hexdigest(),
         "MLFLOW_HOST": "127.0.0.1",
         "MLFLOW_PORT": str(port),
         "MLFLOW_WORKERS": "1",
@@ -281,7 +282,7 @@ def test_metrics_survive_a_server_restart_mid_run(tmp_path):
         assert run.info.status == "FINISHED"
         for key in ("loss", "val_loss", "val_accuracy"):
             steps = sorted(m.step for m in client.get_metric_history(run_id, key))
-            assert steps == [0, 1, 2, 3], f"{key} lost epochs across the restart: {steps}"
+            assert steps == [1, 2, 3, 4], f"{key} lost epochs across the restart: {steps}"
         assert client.get_model_version_by_alias("outage-model", "candidate").run_id == run_id
     finally:
         stop_process_group(process)
