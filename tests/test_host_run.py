@@ -328,3 +328,41 @@ def test_a_job_that_cannot_start_fails_alone():
         out=sys.stdout,
     ).run(jobs)
     assert [job.status for job in jobs] == ["NOT STARTED: no such experiment", "FINISHED"]
+
+
+# ---------------------------------------------------------------------------
+# make run WORKERS=N: N containers, one run, each with its TF_CONFIG
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_workers_must_be_a_positive_whole_number(value):
+    from host.workers import workers_setting
+
+    assert workers_setting(None) == 1 and workers_setting("3") == 3
+    with pytest.raises(UserError, match="WORKERS must be a positive whole number"):
+        workers_setting(value)
+
+
+def test_worker_containers_get_their_tf_config():
+    from engine.multiworker import cluster_from_env
+    from host.workers import worker_docker_args
+
+    def clusters(per_worker):
+        return [
+            cluster_from_env({"TF_CONFIG": a["e"].removeprefix("TF_CONFIG=")}) for a in per_worker
+        ]
+
+    # the host network (a tracking server on this host's loopback): free ports on 127.0.0.1
+    per_worker = worker_docker_args(
+        Plan("http://x", {"network": "host"}), "abcdef0123456789", 2, "n"
+    )
+    found = clusters(per_worker)
+    assert [c.index for c in found] == [0, 1] and found[0].workers == found[1].workers
+    assert all(w.startswith("127.0.0.1:") for w in found[0].workers)
+    assert "name" not in per_worker[0]
+    # otherwise: one user-defined network, the workers found by container name
+    per_worker = worker_docker_args(Plan("http://x"), "abcdef0123456789", 3, "mlflow-workers")
+    assert [a["network"] for a in per_worker] == ["mlflow-workers"] * 3
+    assert [a["name"] for a in per_worker] == [f"abcdef012345-worker-{i}" for i in range(3)]
+    assert clusters(per_worker)[2].workers[2] == "abcdef012345-worker-2:2222"
