@@ -164,8 +164,10 @@ def shard(ds: tf.data.Dataset, cluster: Cluster | None) -> tf.data.Dataset:
 
 
 def local_model(model: Any) -> Any:
-    """The model detached from the strategy, so that the chief alone can predict with it
-    (under the strategy, predict gathers from every worker and would wait for them)."""
+    """The model detached from its strategy, to predict after training: under
+    MultiWorkerMirroredStrategy predict gathers from every worker (the chief alone would
+    wait for them), and under MirroredStrategy predict_on_batch runs the batch on every
+    replica and returns it once per replica."""
     model._distribute_strategy = None
     model.predict_function = None
     return model

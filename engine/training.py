@@ -323,7 +323,8 @@ def log_results(setup: RunSetup) -> tuple[dict[str, float], dict[str, float], st
         (the best epoch's metrics, the test_* metrics, the model's URI, its version).
     """
     cfg, state, model = setup.cfg, setup.state, setup.model
-    model = multiworker.local_model(model) if setup.cluster else model  # the chief alone
+    if setup.strategy.num_replicas_in_sync > 1:  # predict_on_batch would run on every replica
+        model = multiworker.local_model(model)
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
     mlflow.log_metric("best_epoch", state.best_epoch + 1)  # numbered from 1, as the steps
     mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})

@@ -134,7 +134,8 @@ class Watch(keras.callbacks.Callback):
         if epoch + 1 == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
     def on_train_end(self, logs=None):
-        weights = np.concatenate([w.ravel() for w in self.model.get_weights()])
+        # the trained weights; batch norm's moving statistics are each worker's own
+        weights = np.concatenate([np.ravel(w.numpy()) for w in self.model.trainable_weights])
         open(sys.argv[1], "w").write(hashlib.sha256(weights.tobytes()).hexdigest())
 
 run_training(tiny_config(**json.loads(sys.argv[2])), train.load_data, train.define_network,
