@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
@@ -47,7 +48,8 @@ def free_ports(count: int) -> list[int]:
 
 def tf_config(workers: list[str], index: int) -> str:
     """TensorFlow's cluster description for worker `index` of `workers` (host:port each)."""
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+    config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    return json.dumps(config, separators=(",", ":"))
 
 
 def worker_docker_args(plan: Plan, run_id: str, count: int, network: str) -> list[dict[str, str]]:
@@ -60,7 +62,9 @@ def worker_docker_args(plan: Plan, run_id: str, count: int, network: str) -> lis
         names = [f"{run_id[:12]}-worker-{i}" for i in range(count)]
         hosts = [f"{name}:{WORKER_PORT}" for name in names]
         extra = [{"name": name, "network": network} for name in names]
-    return [{"e": f"TF_CONFIG={tf_config(hosts, i)}", **extra[i]} for i in range(count)]
+    # shell-quoted: `mlflow run` joins the docker command into one line that bash runs
+    quoted = [shlex.quote(f"TF_CONFIG={tf_config(hosts, i)}") for i in range(count)]
+    return [{"e": quoted[i], **extra[i]} for i in range(count)]
 
 
 def ensure_network(name: str) -> None:
