@@ -96,6 +96,9 @@ VERSION_ARGS = $(if $(GIT_URL),--git-url $(GIT_URL)) $(if $(VERSION),--version $
 # RETRIES=N: make run and sweep try a failed run again up to N times, resuming it from
 # its checkpoint (under STORAGE_DIR, /storage by default) into the same MLflow run.
 RETRIES ?= 0
+# WORKERS=N: make run starts N containers and make kube-run N pods that train one model
+# together (MultiWorkerMirroredStrategy) into one MLflow run; see doc/kubernetes.md.
+WORKERS ?= 1
 
 .PHONY: build run sweep tune-docker kube-run test-docker
 
@@ -108,8 +111,8 @@ build: $(VENV)/.installed ## build the training image for the code here (tag fro
 # seconds, then build the image for the code they run (seconds when only code changed),
 # and start `mlflow run` through one launcher (host/launch.py), which does the retries.
 # ./project_driver.bash is the same run in plain bash, its `mlflow run` there to read.
-run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3"; VERSION=sha)
-	BASE_IMAGE=$(BASE_IMAGE) RETRIES=$(RETRIES) $(BIN)/python project_driver.py run $(VERSION_ARGS) \
+run: $(VENV)/.installed ## train in the image via mlflow run (needs MLFLOW_TRACKING_URI; ARGS="-P epochs=3"; VERSION=sha; WORKERS=N containers train one model)
+	BASE_IMAGE=$(BASE_IMAGE) RETRIES=$(RETRIES) WORKERS=$(WORKERS) $(BIN)/python project_driver.py run $(VERSION_ARGS) \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 sweep: $(VENV)/.installed ## run a grid in the image, several at once: ARGS="-P epochs=1,2 -P learning_rate=0.001,0.01"
@@ -122,12 +125,17 @@ tune-docker: $(VENV)/.installed ## make tune with each worker a container on its
 # MLflow's Kubernetes backend builds FROM the image above with the project folder
 # added and pushes it; a worktree of HEAD keeps .venv and data out of that copy, and
 # the image is built from that worktree so that its baked code is the code copied.
-kube-run: $(VENV)/.installed ## run the committed code as a Kubernetes Job (kubernetes/kubernetes_config.json)
-	@src="$$(mktemp -d)/src" && git worktree add --detach --quiet "$$src" HEAD && \
+# WORKERS=N (N > 1): an Indexed Job of N pods training one model together under a
+# headless Service (host/kube.py renders both; doc/kubernetes.md).
+kube-run: $(VENV)/.installed ## run the committed code as a Kubernetes Job (kubernetes/kubernetes_config.json; WORKERS=N: N pods train one model)
+	@tmp="$$(mktemp -d)" && src="$$tmp/src" && \
+	config="$$($(BIN)/python -m host.kube config --workers '$(WORKERS)' --out "$$tmp/kube")" && \
+	git worktree add --detach --quiet "$$src" HEAD && \
 	trap 'git worktree remove --force "$$src"' EXIT && \
+	$(BIN)/python -m host.kube service --workers '$(WORKERS)' && \
 	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python project_driver.py build --project-dir "$$src" && \
 	$(BIN)/mlflow run "$$src" --backend kubernetes \
-		--backend-config kubernetes/kubernetes_config.json --build-image \
+		--backend-config "$$config" --build-image \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
 
 test-docker: $(VENV)/.installed ## the Docker tests: builds the image, runs make run against a real server (minutes)

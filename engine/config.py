@@ -88,7 +88,12 @@ class RunConfig:
         "float32 on the CPU), bfloat16, float16 or float32",
     )
     xla: bool = knob(False, "compile the training step with XLA")
-    distribute: bool = knob(True, "train on all visible GPUs with MirroredStrategy")
+    distribute: str = knob(
+        "true",
+        "true: train on all visible GPUs with MirroredStrategy; false: on one device; "
+        "multiworker: over the workers TF_CONFIG names (MultiWorkerMirroredStrategy, also "
+        "chosen when TF_CONFIG names several workers); learning_rate is per global batch",
+    )
     # crash recovery
     checkpoint_dir: str = knob(
         "",
@@ -140,12 +145,25 @@ class RunConfig:
              f"lr_schedule must be cosine or constant, got '{self.lr_schedule}'"),
             (self.monitor in MONITORS,
              f"monitor must be one of {', '.join(MONITORS)}, got '{self.monitor}'"),
+            (self.distribute_mode() != "",
+             f"distribute must be true, false or multiworker, got '{self.distribute}'"),
             (self.early_stopping_patience >= 0,
              "early_stopping_patience must be 0 (off) or a positive number of epochs"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def distribute_mode(self) -> str:
+        """ "true", "false" or "multiworker" ("" for anything else); a resumed run's config
+        from before multiworker may hold a bool."""
+        value = str(self.distribute).strip().lower()
+        if value == "multiworker":
+            return value
+        try:
+            return "true" if parse_bool(value) else "false"
+        except argparse.ArgumentTypeError:
+            return ""
 
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from engine import multiworker
 from engine.config import RunConfig
 
 
@@ -19,15 +20,20 @@ def gpu_devices() -> list[str]:
 
 
 def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several, OneDeviceStrategy on one.
+    """MultiWorkerMirroredStrategy over the workers TF_CONFIG names (see
+    engine.multiworker); else MirroredStrategy over all GPUs when there are several,
+    OneDeviceStrategy on one.
 
-    Both copy the next batches to the GPU(s) while the current one trains: the
+    Each copies the next batches to the GPU(s) while the current one trains: the
     prefetch to the device that keeps a GPU fed (under the default strategy each batch
     is copied only when its step asks for it). Without a GPU, the default strategy.
     """
+    mode = cfg.distribute_mode()
+    if multiworker.wanted_cluster(mode) is not None:
+        return multiworker.make_strategy()  # before gpu_devices: it must come first
     gpus = gpu_devices()
-    if cfg.distribute and len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+    if mode == "true" and len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(gpus)
     if gpus:
         return tf.distribute.OneDeviceStrategy(gpus[0])
     return tf.distribute.get_strategy()

@@ -28,7 +28,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from engine import checkpoints, environment, provenance, tracking
+from engine import checkpoints, environment, multiworker, provenance, tracking
 from engine.balance import class_weights, describe_counts, init_output_bias, warn_imbalance
 from engine.common import PROJECT_DIR
 from engine.config import RunConfig
@@ -78,6 +78,8 @@ class RunSetup:
     model: keras.Model
     head: Head
     weights: dict[int, float] | None  # class weights, None: unweighted
+    cluster: multiworker.Cluster | None = None  # the workers, under MultiWorkerMirroredStrategy
+    chief: bool = True  # whether this process logs the run (all but a non-chief worker)
 
 
 def run_training(
@@ -110,17 +112,19 @@ def run_training(
     try:
         with open_run(setup) as active:
             run_id = active.info.run_id
-            folder = setup.checkpoint_root / run_id
+            folder = multiworker.checkpoint_folder(setup.checkpoint_root, run_id, setup.cluster)
             print(f"logging to {setup.tracking_uri}, run {run_id}")
-            log_setup(setup, run_id, folder, tags)
+            if setup.chief:
+                log_setup(setup, run_id, folder, tags)
             fit(setup, run_id, folder, best, callbacks)
-            best_metrics, test_metrics, model_uri, model_version = log_results(setup)
+            results = log_results(setup) if setup.chief else ({}, {}, "", None)
+            best_metrics, test_metrics, model_uri, model_version = results
     except Exception as err:
         lost = tracking_lost(err, setup.tracking_uri, run_id, cfg)
         if lost is None:
             raise
         raise lost from None
-    if not cfg.keep_checkpoints:
+    if not cfg.keep_checkpoints or not setup.chief:
         checkpoints.remove(folder)
 
     return TrainResult(
@@ -152,12 +156,14 @@ def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) 
             "with its own config"
         )
     keras.utils.set_random_seed(cfg.seed)
+    cluster = multiworker.join_cluster(cfg.distribute_mode(), cfg.resume_run_id)
     strategy = choose_strategy(cfg)
     policy = set_precision(cfg)
 
     print("loading data ...")
     global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * strategy.num_replicas_in_sync)
     train_ds, val_ds, info = check_data(load_data(global_cfg))
+    train_ds, val_ds = multiworker.shard(train_ds, cluster), multiworker.shard(val_ds, cluster)
     print(
         f"  {info.train_count} training / {info.val_count} validation / {info.test_count} "
         f"test images, classes {info.class_names}, shape {info.image_shape}"
@@ -191,12 +197,16 @@ def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) 
         model=model,
         head=head,
         weights=weights,
+        cluster=cluster,
+        chief=cluster is None or cluster.chief,
     )
 
 
 def open_run(setup: RunSetup) -> mlflow.ActiveRun:
     """Reopen the crashed run when resuming; else start a new run in cfg's experiment."""
     cfg = setup.cfg
+    if not setup.chief:
+        return multiworker.worker_run(cfg.resume_run_id, cfg.system_metrics)
     if cfg.resume_run_id:
         if os.environ.get("MLFLOW_RUN_ID", cfg.resume_run_id) != cfg.resume_run_id:
             # `mlflow run -P resume_run_id=...` made a run of its own: say where it went
@@ -271,10 +281,10 @@ def fit(
     and logged; a stopped run says how to resume it."""
     cfg, state, info, head = setup.cfg, setup.state, setup.info, setup.head
     initial_epoch = 0
-    if cfg.resume_run_id:
-        checkpoints.resume(setup.model, folder, best)
+    if cfg.resume_run_id:  # every worker from the chief's checkpoint
+        checkpoints.resume(setup.model, setup.checkpoint_root / run_id, best)
         initial_epoch = state.epoch + 1
-        if log_missing_epochs(run_id, state):
+        if setup.chief and log_missing_epochs(run_id, state):
             print("  logged the metrics of a checkpointed epoch the crash had not sent")
 
     print(
@@ -286,7 +296,7 @@ def fit(
         tracking.EpochTimer(info.train_count),
         best,
         checkpoints.Checkpointer(folder, state, best),
-        metrics_logger,
+        *([metrics_logger] if setup.chief else []),
         *(callbacks or []),
     ]
     try:
@@ -302,10 +312,10 @@ def fit(
             verbose="auto" if sys.stdout.isatty() else 2,
         )
     except BaseException:  # SIGTERM arrives as SystemExit, Ctrl-C as KeyboardInterrupt
-        if state.epoch >= 0:
+        if state.epoch >= 0 and setup.chief:
             say_how_to_resume(run_id, cfg)
         raise
-    metrics_logger.flush()
+    metrics_logger.flush()  # nothing to send on a non-chief worker
 
 
 def log_results(setup: RunSetup) -> tuple[dict[str, float], dict[str, float], str, str | None]:
@@ -315,6 +325,8 @@ def log_results(setup: RunSetup) -> tuple[dict[str, float], dict[str, float], st
         (the best epoch's metrics, the test_* metrics, the model's URI, its version).
     """
     cfg, state, model = setup.cfg, setup.state, setup.model
+    if setup.strategy.num_replicas_in_sync > 1:  # predict_on_batch would run on every replica
+        model = multiworker.local_model(model)
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
     mlflow.log_metric("best_epoch", state.best_epoch + 1)  # numbered from 1, as the steps
     mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})

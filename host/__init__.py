@@ -13,4 +13,6 @@ bottom; the engine never imports this package.
     run        one run (make run, project_driver.bash): prepare it, then launch it
     sweep      a grid of parameter values, several runs at once (make sweep)
     tune       engine.tune's workers as containers, one GPU each (make tune-docker)
+    workers    make run WORKERS=N: N containers of one run, each with its TF_CONFIG
+    kube       make kube-run WORKERS=N: the Indexed Job template and its headless Service
 """

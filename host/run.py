@@ -10,6 +10,7 @@ run`, retries included), or project_driver.bash gets its `mlflow run` argv as da
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from engine.config import UserError
+from host import workers as cluster
 from host.artifacts import create_run_first, first_run_options, local_artifacts
 from host.checkout import checkout_if_asked, remove_checkout, split_version_args
 from host.image import build_image, code_docker_args
@@ -60,7 +62,7 @@ def run_creator(
 
 
 def prepare_one(
-    argv: Sequence[str], retries: int, base_image: str, out: TextIO
+    argv: Sequence[str], retries: int, base_image: str, out: TextIO, workers: int = 1
 ) -> tuple[Plan, Job, Callable[[Mapping[str, str]], str] | None]:
     """Everything before one run starts; its lines go to `out`.
 
@@ -69,6 +71,7 @@ def prepare_one(
         retries: how many times the run will be tried again (> 0: it is created first).
         base_image: the image to build on ("" keeps the image's own).
         out: where the decisions and Docker's build output go.
+        workers: containers that train the run together (> 1: it is created first).
 
     Returns:
         (the plan, the job to launch, the launcher's create_run or None).
@@ -80,7 +83,7 @@ def prepare_one(
         project_dir = checkout_if_asked(plan, url, version)
         plan.say(out)
         options = prepare_run(plan, project_dir, rest, base_image, out=out)
-        if options is None and retries > 0 and not option(rest, "--run-id"):
+        if options is None and (retries > 0 or workers > 1) and not option(rest, "--run-id"):
             options = first_run_options(plan, project_dir, rest)
         create_run = run_creator(plan, project_dir, options) if options else None
         job = Job(run_id=create_run({}) if create_run else "")
@@ -119,11 +122,29 @@ def run_main(argv: Sequence[str], retries: int, base_image: str) -> int:
     Returns:
         The exit status of the run's last try (0 when it finished).
     """
-    plan, job, create_run = prepare_one(argv, retries, base_image, sys.stderr)
+    workers = cluster.workers_setting(os.environ.get("WORKERS"))
+    if workers > 1 and retries:
+        raise UserError("WORKERS > 1 runs are not retried one container at a time: set RETRIES=0")
+    plan, job, create_run = prepare_one(argv, retries, base_image, sys.stderr, workers)
     try:
-        Launcher(plan, retries=retries, create_run=create_run).run([job])
+        if workers > 1:
+            job = launch_workers(plan, job, workers)
+        else:
+            Launcher(plan, retries=retries, create_run=create_run).run([job])
     finally:
         remove_checkout(plan)
     if job.status.startswith("NOT STARTED"):
         raise UserError(f"the run could not start: {job.status.split(': ', 1)[-1]}")
     return job.exit_code
+
+
+def launch_workers(plan: Plan, job: Job, workers: int) -> Job:
+    """Start `workers` containers into job's run at once (host.workers); the job that
+    says how it went."""
+    network = os.environ.get("DOCKER_WORKER_NETWORK", cluster.NETWORK)
+    per_worker = cluster.worker_docker_args(plan, job.run_id, workers, network)
+    if plan.docker_args.get("network") != "host":
+        cluster.ensure_network(network)
+    jobs = cluster.worker_jobs(job.run_id, workers)
+    Launcher(plan, parallel=workers, slot_docker_args=cluster.slot_args(per_worker)).run(jobs)
+    return cluster.outcome(jobs)

@@ -133,6 +133,58 @@ def test_kubernetes_job_asks_for_a_gpu_and_carries_image_command_and_tracking(mo
     assert job["metadata"]["namespace"]
 
 
+def test_kube_run_with_workers_renders_an_indexed_job_and_a_headless_service(monkeypatch, tmp_path):
+    """make kube-run WORKERS=3: MLflow's own code renders an Indexed Job of 3 pods under
+    the headless Service, and each pod's entry step makes its TF_CONFIG."""
+    pytest.importorskip("kubernetes", reason="pip install kubernetes (tests/requirements.txt)")
+    from mlflow.projects import _parse_kubernetes_config
+    from mlflow.projects import kubernetes as kb
+
+    from engine.multiworker import cluster_from_env
+    from host import kube
+
+    assert kube.write_config(1, tmp_path) == kube.BACKEND_CONFIG  # one worker: today's Job
+    config = json.loads(kube.write_config(3, tmp_path / "rendered").read_text())
+    job = kb._get_kubernetes_job_definition(
+        "proj",
+        config["repository-uri"] + ":1a2b3c4",
+        "sha256:" + "0" * 64,
+        ["python", "train.py"],
+        {"MLFLOW_RUN_ID": "abc123"},
+        _parse_kubernetes_config(config)["kube-job-template"],
+    )
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (3, 3, "Indexed")
+    service = kube.headless_service(kube.project_name(), job["metadata"]["namespace"])
+    pod = spec["template"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_RUN_ID"] == "abc123" and env["TRAIN_WORKERS"] == "3"
+
+    # the entry step, in pod 0 and pod 2 of a Job MLflow named at submit time
+    env = {k: v for k, v in env.items() if v is not None}
+    hosts = [
+        f"{job['metadata']['name']}-{i}.{env['TRAIN_WORKER_SUBDOMAIN']}:2222" for i in range(3)
+    ]
+    for index in (0, 2):
+        pod_env = {**env, "JOB_NAME": job["metadata"]["name"], "JOB_COMPLETION_INDEX": str(index)}
+        cluster = cluster_from_env(pod_env)
+        assert (cluster.workers, cluster.index) == (hosts, index)
+        assert json.loads(pod_env["TF_CONFIG"])["task"] == {"type": "worker", "index": index}
+
+
+@pytest.mark.parametrize("workers", ["0", "two", "-1", ""])
+def test_workers_must_be_a_positive_whole_number(workers, capsys):
+    from host import kube
+
+    with pytest.raises(SystemExit) as err:
+        kube.main(["config", "--workers", workers])
+    assert err.value.code == 2
+    assert "WORKERS must be a positive whole number" in capsys.readouterr().err
+
+
 def test_project_name_is_a_valid_kubernetes_name():
     """MLflow names the Job and its container after MLproject's `name`; Kubernetes
     accepts only lowercase letters, digits and '-' there (an '_' fails at submit time)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -328,3 +329,87 @@ def test_a_job_that_cannot_start_fails_alone():
         out=sys.stdout,
     ).run(jobs)
     assert [job.status for job in jobs] == ["NOT STARTED: no such experiment", "FINISHED"]
+
+
+# ---------------------------------------------------------------------------
+# make run WORKERS=N: N containers, one run, each with its TF_CONFIG
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_workers_must_be_a_positive_whole_number(value):
+    from host.workers import workers_setting
+
+    assert workers_setting(None) == 1 and workers_setting("3") == 3
+    with pytest.raises(UserError, match="WORKERS must be a positive whole number"):
+        workers_setting(value)
+
+
+def test_worker_containers_get_their_tf_config():
+    from engine.multiworker import cluster_from_env
+    from host.workers import worker_docker_args
+
+    def clusters(per_worker):
+        # as bash reads the line `mlflow run` makes of the docker command
+        words = [shlex.split(a["e"]) for a in per_worker]
+        assert all(len(w) == 1 for w in words)
+        return [cluster_from_env({"TF_CONFIG": w[0].removeprefix("TF_CONFIG=")}) for w in words]
+
+    # the host network (a tracking server on this host's loopback): free ports on 127.0.0.1
+    per_worker = worker_docker_args(
+        Plan("http://x", {"network": "host"}), "abcdef0123456789", 2, "n"
+    )
+    found = clusters(per_worker)
+    assert [c.index for c in found] == [0, 1] and found[0].workers == found[1].workers
+    assert all(w.startswith("127.0.0.1:") for w in found[0].workers)
+    assert "name" not in per_worker[0]
+    # otherwise: one user-defined network, the workers found by container name
+    per_worker = worker_docker_args(Plan("http://x"), "abcdef0123456789", 3, "mlflow-workers")
+    assert [a["network"] for a in per_worker] == ["mlflow-workers"] * 3
+    assert [a["name"] for a in per_worker] == [f"abcdef012345-worker-{i}" for i in range(3)]
+    assert clusters(per_worker)[2].workers[2] == "abcdef012345-worker-2:2222"
+
+
+@pytest.mark.slow
+def test_make_run_with_workers_starts_each_container_into_one_run(
+    fake_bin, tmp_path, mlflow_server
+):
+    from engine.multiworker import cluster_from_env
+
+    calls = tmp_path / "calls.jsonl"
+    lines = [
+        f"#!{sys.executable}",
+        "import json, sys",
+        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')",
+    ]
+    (fake_bin / "mlflow").write_text("\n".join(lines) + "\n")
+    (fake_bin / "mlflow").chmod(0o755)
+    fake_docker(fake_bin, {"runc": {}})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW": str(fake_bin / "mlflow")}
+    env.update(STORAGE_DIR=str(tmp_path), WORKERS="2")
+    env.pop("GPUS", None)
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "project_driver.py"), "run", "-P", "epochs=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(argvs) == 2 and "[worker 1] + mlflow run" in done.stderr
+    assert len({argv[argv.index("--run-id") + 1] for argv in argvs}) == 1  # one run
+    found = []
+    for argv in argvs:
+        e = next(a for a in argv if a.startswith("e="))
+        (word,) = shlex.split(e.removeprefix("e="))
+        found.append(cluster_from_env({"TF_CONFIG": word.removeprefix("TF_CONFIG=")}))
+    assert sorted(c.index for c in found) == [0, 1] and found[0].workers == found[1].workers
+    refused = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "project_driver.py"), "run"],
+        capture_output=True,
+        text=True,
+        env={**env, "WORKERS": "2", "RETRIES": "1"},
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "set RETRIES=0" in refused.stderr
