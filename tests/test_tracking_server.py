@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from engine.network import class_probabilities
 from engine.reaping import reap_runs
 from engine.serving import load_network
 from tests.conftest import tiny_config, train_and_log
@@ -100,7 +101,8 @@ def test_run_survives_server_and_database_restart(postgres, client_env, tmp_path
         assert version.version == result.model_version
         assert version.run_id == result.run_id
         model = load_network(f"models:/{cfg.registered_model_name}@candidate")
-        assert model.predict(np.zeros((3, 32, 32, 3), "float32"), verbose=0).shape == (3, 1)
+        outputs = model.predict(np.zeros((3, 32, 32, 3), "float32"), verbose=0)
+        assert class_probabilities(outputs).shape == (3, 2)  # either head
     finally:
         server.stop()
 
@@ -281,7 +283,7 @@ def test_metrics_survive_a_server_restart_mid_run(tmp_path):
         assert run.info.status == "FINISHED"
         for key in ("loss", "val_loss", "val_accuracy"):
             steps = sorted(m.step for m in client.get_metric_history(run_id, key))
-            assert steps == [0, 1, 2, 3], f"{key} lost epochs across the restart: {steps}"
+            assert steps == [1, 2, 3, 4], f"{key} lost epochs across the restart: {steps}"
         assert client.get_model_version_by_alias("outage-model", "candidate").run_id == run_id
     finally:
         stop_process_group(process)
