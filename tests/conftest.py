@@ -11,6 +11,7 @@ import os
 # would otherwise put a telemetry session id into os.environ.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import keras
 import mlflow
 import mlflow.tracking.fluent
 import pytest
@@ -21,6 +22,44 @@ from engine.config import RunConfig
 from engine.sources import make_demo_data
 from engine.training import TrainResult, run_training
 from tests.servers import MlflowServer
+
+FORK_HEAD = os.environ.get("TEST_FORK_HEAD", "")
+"""TEST_FORK_HEAD=softmax2 runs the session as a fork whose define_network ends in its own
+uncompiled Dense(num_classes, softmax) head, as the README allows (two units for two
+classes); unset, train.py's own head. tests/test_contract.py runs the suite both ways."""
+
+EXAMPLE_DEFINE_NETWORK = train.define_network
+
+
+def softmax_head_network(input_shape, num_classes, cfg) -> keras.Model:
+    """The example network's features under a fork's own K-unit softmax head, uncompiled."""
+    example = EXAMPLE_DEFINE_NETWORK(input_shape, num_classes, cfg)
+    features = example.get_layer("probabilities").input
+    head = keras.layers.Dense(num_classes, activation="softmax", name="fork_head")(features)
+    return keras.Model(example.inputs, head, name="fork")
+
+
+FORK_NETWORKS = {"softmax2": softmax_head_network}
+
+
+def pytest_configure(config):
+    """An unknown TEST_FORK_HEAD stops the session before it runs anything."""
+    if FORK_HEAD and FORK_HEAD not in FORK_NETWORKS:
+        raise pytest.UsageError(
+            f"TEST_FORK_HEAD={FORK_HEAD!r}: expected one of {sorted(FORK_NETWORKS)}"
+        )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fork_head():
+    """train.define_network replaced for the whole session when TEST_FORK_HEAD names a head
+    (so lifecycle's validate, predict and serve, which call train's hooks, see it too)."""
+    if not FORK_HEAD:
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "define_network", FORK_NETWORKS[FORK_HEAD])
+        yield FORK_HEAD
 
 
 def tiny_config(**overrides) -> train.Config:

@@ -234,8 +234,9 @@ class MlflowServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 120) -> MlflowServer:
-        """Start the server and wait until /health answers (schema migrations take a while)."""
+    def start(self, timeout: float = 300) -> MlflowServer:
+        """Start the server and wait until /health answers (schema migrations take a while,
+        minutes on a loaded machine)."""
         self.process = spawn(self.command(), self.log_path, self.env)
         try:
             wait_healthy(f"{self.url}/health", self.process, self.log_path, timeout)

@@ -9,6 +9,7 @@ marked `example`.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,32 @@ def test_a_forks_network_trains_registers_validates_and_predicts(
     assert len(rows) == 1 + cfg.demo_samples
     assert {row.split(",")[1] for row in rows[1:]} <= {"parasitized", "uninfected"}
     assert all(0.5 <= float(row.split(",")[2]) <= 1.0 for row in rows[1:])
+
+
+# The files whose tests read a trained model's outputs (predict, serve, validate, the
+# registered model) through train.define_network; under TEST_FORK_HEAD=softmax2 it ends
+# in a fork's own two-unit softmax head. The fork tests above set their own heads.
+FORK_HEAD_SUITE = ["test_lifecycle.py", "test_serving.py", "test_train_e2e.py", "test_contract.py"]
+
+
+@pytest.mark.slow
+def test_the_suite_passes_for_a_fork_with_its_own_softmax_head(tmp_path):
+    """The README lets a fork return a two-unit softmax head for two classes: every test
+    not marked `example` must hold for it (tests/conftest.py:fork_head swaps it in)."""
+    here = "tests/test_contract.py::"
+    command = [
+        *(sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"),
+        *("-m", "not example and not docker and not postgres"),
+        *("--basetemp", str(tmp_path / "basetemp")),
+        *("--deselect", here + "test_the_suite_passes_for_a_fork_with_its_own_softmax_head"),
+        *("--deselect", here + "test_a_forks_network_trains_registers_validates_and_predicts"),
+        *(f"tests/{name}" for name in FORK_HEAD_SUITE),
+    ]
+    env = {**os.environ, "TEST_FORK_HEAD": "softmax2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
 def _flat_network(units: int, input_shape=None, **dense):

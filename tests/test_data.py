@@ -12,7 +12,7 @@ from PIL import Image
 
 import train
 from engine.config import UserError
-from engine.sources import download_tfds, make_demo_data, tfds_splits
+from engine.sources import make_demo_data
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.example
@@ -258,17 +258,6 @@ def test_tfds_with_mock_data(tmp_path):
         assert info.lineage["name"].startswith("tfds:malaria:")
 
 
-def test_tfds_splits_use_the_datasets_own_and_cut_the_rest_from_train():
-    cfg = tiny_config(val_split=0.2, test_split=0.1)
-    # malaria: a train split only
-    assert tfds_splits({"train"}, cfg) == ["train[:70%]", "train[70%:90%]", "train[90%:]"]
-    assert tfds_splits({"train", "test"}, cfg) == ["train[:80%]", "train[80%:100%]", "test"]
-    own = tfds_splits({"train", "validation", "test"}, cfg)
-    assert own == ["train[:100%]", "validation", "test"]
-    no_test = tiny_config(val_split=0.2, test_split=0.0)
-    assert tfds_splits({"train", "test"}, no_test) == ["train[:80%]", "train[80%:100%]"]
-
-
 def test_tfds_missing_data_says_how_to_download(tmp_path):
     cfg = tiny_config(data_source="tfds", dataset="malaria", data_dir=str(tmp_path / "none"))
     with pytest.raises(UserError, match="make load_tfdata DATASET=malaria"):
@@ -292,30 +281,6 @@ def test_demo_data_is_deterministic_and_cached(tmp_path):
         assert loaded.train_count + loaded.val_count + loaded.test_count == 10
     _, _, more = train.load_data(tiny_config(data_dir=str(tmp_path / "demo"), demo_samples=20))
     assert more.train_count + more.val_count + more.test_count == 20
-
-
-def test_demo_classes_differ_in_dark_spots(tmp_path):
-    make_demo_data(tmp_path, 40, 48, seed=0)
-
-    def darkest(name):  # the darkest pixel, judged by its brightest channel
-        return [
-            np.asarray(Image.open(p)).max(axis=2).min() for p in (tmp_path / name).glob("*.png")
-        ]
-
-    assert max(darkest("parasitized")) < 160 < min(darkest("uninfected"))
-
-
-def test_load_tfdata_explains_an_unwritable_folder(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where the folder should go")
-    assert download_tfds("malaria", str(blocker / "tfdata")) == 1
-    assert "cannot create" in capsys.readouterr().err
-
-
-def test_load_tfdata_explains_an_unknown_dataset(tmp_path, capsys):
-    assert download_tfds("no_such_dataset_xyz", str(tmp_path)) == 1
-    err = capsys.readouterr().err
-    assert "could not download TFDS dataset 'no_such_dataset_xyz'" in err
 
 
 def test_dataframe_json_in_column_layout(demo_dir, tmp_path):

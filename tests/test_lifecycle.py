@@ -19,6 +19,7 @@ import lifecycle
 import train
 from engine import prediction, reaping, validation
 from engine.config import UserError
+from engine.network import class_probabilities
 from engine.registry import resolve_model
 from engine.serving import load_network
 from engine.sources import make_demo_data
@@ -247,11 +248,11 @@ def test_predict_writes_the_models_own_answers(registry, tmp_path, capsys):
     # Same answers as the logged Keras model on the raw pixels.
     model = load_network("models:/cells/1")
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), "float32") for p in images])
-    p1 = model.predict(pixels, verbose=0)[:, 0]
-    expected = np.where(p1 >= 0.5, "uninfected", "parasitized")
+    probs = class_probabilities(model.predict(pixels, verbose=0))  # either head's outputs
+    expected = np.array(["parasitized", "uninfected"])[probs.argmax(axis=1)]
     assert [r["predicted_class"] for r in rows] == list(expected)
     np.testing.assert_allclose(
-        [float(r["probability"]) for r in rows], np.maximum(p1, 1 - p1), atol=1e-5
+        [float(r["probability"]) for r in rows], probs.max(axis=1), atol=1e-5
     )
 
 

@@ -23,11 +23,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import lifecycle
 from engine import prediction, serving
 from engine.images import decode_image
+from engine.network import class_probabilities
 from engine.sources import make_demo_data
 from tests.conftest import module_store, tiny_config, train_and_log
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy
@@ -92,10 +94,10 @@ def test_a_model_logged_before_image_input_answers_the_same_way(tracking_store, 
     answers = serving.load_classifier(info.model_uri).classify(
         [serving.encode_file(tmp_path / "cell.png")]
     )
-    pixels = decode_image(str(tmp_path / "cell.png"), 32, 3).numpy()[None].astype("float32")
-    p1 = float(network.predict(pixels, verbose=0)[0, 0])
-    assert answers["class"][0] == CLASSES[int(p1 >= 0.5)]
-    assert answers["probability"][0] == pytest.approx(max(p1, 1 - p1), abs=1e-6)
+    pixels = decode_image(tf.constant(str(tmp_path / "cell.png")), 32, 3).numpy()[None]
+    (probs,) = class_probabilities(network.predict(pixels.astype("float32"), verbose=0))
+    assert answers["class"][0] == CLASSES[int(probs.argmax())]
+    assert answers["probability"][0] == pytest.approx(probs.max(), abs=1e-6)
     assert serving.load_network(info.model_uri) is not None
 
 
@@ -163,9 +165,8 @@ def post(url: str, body: dict) -> dict:
 def network_answers(paths: list[Path]) -> np.ndarray:
     """The Keras network's class probabilities on training's decoding of the files."""
     network = serving.load_network(MODEL)
-    pixels = np.stack([decode_image(str(p), 32, 3).numpy() for p in paths]).astype("float32")
-    p1 = network.predict(pixels, verbose=0)[:, 0]
-    return np.stack([1 - p1, p1], axis=1)
+    pixels = np.stack([decode_image(tf.constant(str(p)), 32, 3).numpy() for p in paths])
+    return class_probabilities(network.predict(pixels.astype("float32"), verbose=0))
 
 
 @pytest.mark.slow
@@ -289,8 +290,6 @@ def test_request_command_reports_a_dead_server_in_one_line(images):
 
 @pytest.mark.slow
 def test_export_and_validate_still_reach_the_raw_pixel_network(registry, tmp_path):
-    import tensorflow as tf
-
     assert lifecycle.main(["export", "--model", MODEL, "--output", str(tmp_path / "tf")]) == 0
     exported = tf.saved_model.load(str(tmp_path / "tf" / "1")).signatures["serving_default"]
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 import engine.training
 import train
 from engine.config import UserError
+from engine.network import class_probabilities
 from engine.serving import load_network, png_base64
 from engine.sources import make_demo_data
 from tests.conftest import tiny_config, train_and_log
@@ -72,7 +73,8 @@ def test_main_trains_logs_and_registers(tracking_store, tmp_path, capsys):
     assert set(answers["class"]) <= {"parasitized", "uninfected"} and len(answers) == 3
     assert all(0 <= p <= 1 for p in answers["probability"])
     network = load_network("models:/tiny-classifier@candidate")  # the raw-pixel network
-    assert network.predict(images.astype(np.float32), verbose=0).shape == (3, 1)
+    outputs = network.predict(images.astype(np.float32), verbose=0)
+    assert class_probabilities(outputs).shape == (3, 2)  # either head
 
 
 def test_multiclass_run_uses_softmax_and_skips_roc(tracking_store, tmp_path):

@@ -190,8 +190,10 @@ def _train_command(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *flags.split(), *folders, *extra]
 
 
-def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: float = 240) -> str:
-    """Poll the checkpoint state until `epoch` (0-based) is done; return the run id."""
+def _wait_for_epoch(process: subprocess.Popen, root: Path, epoch: int, limit: float = 600) -> str:
+    """Poll the checkpoint state until `epoch` (0-based) is done; return the run id.
+
+    The limit is generous: on a loaded machine importing TensorFlow alone takes a minute."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
