@@ -1,0 +1,116 @@
+"""Batches read from the decoded-image cache on disk: memory that does not grow with the data.
+
+A split is a list of (shard, row) places (`SplitRows`); each batch of it is read with
+`os.preadv` straight into a new array, inside a `tf.numpy_function` that tf.data runs
+in parallel (AUTOTUNE) and prefetches. Only the batches in flight are in memory; the
+kernel's page cache keeps what the machine can spare of the shards, and gives it back
+under pressure (page cache is not the process's memory, and a cgroup reclaims it
+before it runs out).
+
+Why this and not tf.data's FixedLengthRecordDataset over the shards: that reads a
+shard front to back, so a split (a random subset of rows) reads every other split's
+rows too, and shuffling means a buffer of images that grows with the shuffle's
+reach; measured on 2 cores, 64 px, it gave 21k to 30k img/s against 50k to 85k for
+reads by row (doc/benchmarks.md, "Larger than memory").
+
+Order: validation and test batches come in the split's own order (the seeded order
+split_indices gives, the same whichever pipeline holds the images). The training
+split is read in a new permutation of all its images every epoch, a true global
+shuffle: `tf.random.experimental.index_shuffle` maps position i of epoch e to its
+place in a permutation keyed by (a per-epoch draw of tf.data's seeded random
+dataset, cfg.seed), so no buffer is held and the same seed gives the same sequence
+of epochs. Within a batch the reads go in file order (a batch is a set; the model
+does not see the order inside it).
+
+For training over several workers, `SplitRows.part(index, count)` is one worker's
+share: every count-th image of the split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from engine.config import RunConfig
+from engine.shards import Located
+
+
+@dataclass
+class SplitRows:
+    """The images of one split, in its order: where each lies (file descriptor, byte
+    offset) and its label. `located` keeps the shards open while this exists."""
+
+    fds: np.ndarray  # (n,) int64
+    offsets: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n,) int32
+    shape: tuple[int, int, int]
+    located: Located
+
+    @classmethod
+    def of(cls, located: Located, positions: np.ndarray, labels: np.ndarray, shape) -> SplitRows:
+        """The rows of located's keys at `positions`, with their labels (one per position)."""
+        record = int(np.prod(shape))
+        shard = located.shard[positions]
+        if (shard < 0).any():
+            raise ValueError("a split holds an image that failed to decode")
+        fd = np.array([s.fd for s in located.shards], np.int64)
+        start = np.array([s.offset for s in located.shards], np.int64)
+        offsets = start[shard] + located.row[positions] * record
+        return cls(fd[shard], offsets, np.asarray(labels, np.int32), tuple(shape), located)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def part(self, index: int, count: int) -> SplitRows:
+        """Worker `index` of `count`'s share: every count-th image from the index-th."""
+        pick = slice(index, None, count)
+        return SplitRows(
+            self.fds[pick], self.offsets[pick], self.labels[pick], self.shape, self.located
+        )
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images and labels at `positions` of the split, in that order; read in file
+        order. Runs in tf.data's threads: os.preadv lets go of the GIL while it copies."""
+        fds, offsets = self.fds[positions], self.offsets[positions]
+        out = np.empty((len(positions), *self.shape), np.uint8)
+        record = out[0].nbytes if len(out) else 0
+        fd_list, offset_list = fds.tolist(), offsets.tolist()
+        for j in np.lexsort((offsets, fds)).tolist():
+            if os.preadv(fd_list[j], [out[j]], offset_list[j]) != record:
+                raise OSError(f"a cache shard was cut short while this run read it (fd {fds[j]})")
+        return out, self.labels[positions]
+
+
+def stream_pipeline(rows: SplitRows, cfg: RunConfig, training: bool) -> tf.data.Dataset:
+    """A split's batches of (uint8 images, int32 labels), read from the cache's shards.
+
+    The training one is a new seeded permutation of the whole split every epoch (see the
+    module's notes); the others keep the split's order.
+    """
+    count, batch = len(rows), cfg.batch_size
+    positions = tf.data.Dataset.range(count).batch(batch)
+    if training and count > 1:
+        seed = tf.constant(cfg.seed, tf.int64)
+
+        def permuted(draw: tf.Tensor) -> tf.data.Dataset:
+            key = tf.stack([draw, seed])
+            return positions.map(
+                lambda at: tf.random.experimental.index_shuffle(at, key, count - 1)
+            )
+
+        draws = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True).take(1)
+        positions = draws.flat_map(permuted).apply(
+            tf.data.experimental.assert_cardinality(math.ceil(count / batch))
+        )
+
+    def fetch(at: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(rows.read, [at], [tf.uint8, tf.int32], stateful=False)
+        images.set_shape((None, *rows.shape))
+        labels.set_shape((None,))
+        return images, labels
+
+    return positions.map(fetch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
