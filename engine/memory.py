@@ -23,6 +23,7 @@ AUTO_SHARE = 0.5  # of the memory left to the process; the rest is the model's a
 # array, its tensor, the splits gathered from it (doc/benchmarks.md, "Larger than memory").
 MEMORY_PATH_FACTOR = 2.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP, MEMINFO = Path("/proc/self/cgroup"), Path("/proc/meminfo")
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge page-aligned number
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b?)\s*$", re.IGNORECASE)
@@ -82,7 +83,7 @@ def _own_groups() -> list[Path]:
     the root (no such path inside) is its own root folder, which is always included.
     """
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
         return []
     found: list[Path] = []
@@ -124,7 +125,7 @@ def cgroup_room() -> int | None:
 def mem_available() -> int | None:
     """The machine's MemAvailable (/proc/meminfo) in bytes; None where unknown."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
