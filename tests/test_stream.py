@@ -25,7 +25,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
-from engine import cache_store, memory, shards
+from engine import cache_store, memory, shards, stream
 from engine.cache import ImageCache, locate_images
 from engine.config import UserError
 from engine.images import DataInfo
@@ -90,9 +90,11 @@ def test_streamed_and_in_memory_runs_give_the_same_splits(demo_dir, tmp_path, ca
             np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("small_split", [stream.SMALL_SPLIT, 0], ids=["buffer", "index_shuffle"])
 def test_the_stream_reshuffles_the_whole_split_every_epoch_and_a_seed_repeats_it(
-    demo_dir, tmp_path
+    demo_dir, tmp_path, monkeypatch, small_split
 ):
+    monkeypatch.setattr(stream, "SMALL_SPLIT", small_split)
     cache = tmp_path / "cache"
     (train_ds, *_), info, _ = load(demo_dir, cache, STREAMED, batch_size=4)
     first, second = batches(train_ds)[0], batches(train_ds)[0]
