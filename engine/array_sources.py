@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from engine import cache as image_cache
 from engine.config import RunConfig, UserError
-from engine.decoding import resize_image
+from engine.decoding import aligned_zeros, resize_image
 from engine.file_sources import Pipelines, require_path
 from engine.images import (
     DataInfo,
@@ -241,7 +241,7 @@ class SplitDecoder:
     def __call__(self, indices: list[int]) -> image_cache.Decoded:
         if indices and indices[0] < self.start:
             self._restart()
-        images = np.empty((len(indices), *self.shape), np.uint8)
+        images = aligned_zeros((len(indices), *self.shape))
         labels = np.empty(len(indices), np.int64)
         for j, index in enumerate(indices):
             while index >= self.start + len(self.images):

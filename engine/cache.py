@@ -39,7 +39,7 @@ from engine.cache_folder import FILE_MODE, locked, make_folder  # noqa: F401
 from engine.cache_store import Decode, cannot_write, decode_and_store, file_key  # noqa: F401
 from engine.common import storage_folder
 from engine.config import UserError
-from engine.decoding import DECODER_VERSION
+from engine.decoding import DECODER_VERSION, aligned_zeros
 from engine.shards import SHARD_IMAGES, Decoded, Located, Shard, open_shard, read_rows  # noqa: F401
 
 Index = dict[str, tuple[str, int] | str]  # key -> (shard name, row), or why it failed
@@ -175,7 +175,7 @@ class ImageCache:
         """The images of keys in memory: read from the cache, the missing ones decoded and
         stored."""
         self._make()
-        out = Decoded(np.zeros((len(keys), *self.shape), np.uint8), -np.ones(len(keys), np.int64))
+        out = Decoded(aligned_zeros((len(keys), *self.shape)), -np.ones(len(keys), np.int64))
         todo = np.ones(len(keys), bool)  # positions not read yet
         with locked(self.folder, exclusive=False):
             index = self._index()

@@ -5,7 +5,9 @@ Every data source ends in `files_pipeline` (image files) or `arrays_pipeline`
 (uint8 pixels 0..255 of shape (image_size, image_size, channels), int32 labels).
 The model casts them to float on the device: a quarter of float32's bytes cross.
 Decoding (engine.decoding) is also the check that a file is an image, and decoded
-images go through the shared disk cache (engine.cache).
+images go through the shared disk cache (engine.cache). A data set that fits
+--memory-budget is held in memory; a larger one is streamed from the cache's shards
+(engine.pipelines, engine.stream), with the same splits either way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from engine.config import RunConfig, UserError
 # decode_image, resize_image and memory_pipeline stay importable from here, where forks
 # found them
 from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
-from engine.pipelines import Source, load_source, memory_pipeline, plan_images  # noqa: F401
+from engine.pipelines import (  # noqa: F401
+    Source,
+    as_tensor,
+    load_source,
+    memory_pipeline,
+    plan_images,
+)
 
 
 @dataclass
@@ -296,7 +304,7 @@ def arrays_pipeline(
     plan = plan_images(cfg, len(used))
     if plan.pipeline == "memory":
         resized = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
-        held = Source(plan, {}, np.full(len(used), -1), images=tf.convert_to_tensor(resized))
+        held = Source(plan, {}, np.full(len(used), -1), images=as_tensor(resized))
     else:
 
         def decode(indices: list[int]) -> image_cache.Decoded:

@@ -89,8 +89,9 @@ class Checksum:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """Threads for checksums: zlib lets go of the GIL over large buffers."""
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Threads for checksums (zlib lets go of the GIL over large buffers); one pool per
+    process id, since a forked child has none of its parent's threads."""
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
@@ -98,7 +99,7 @@ def checksums(data) -> list[int]:
     """Checksum(data).result(), computed on several cores at once."""
     data = memoryview(data).cast("B")
     blocks = [data[at : at + CRC_BLOCK] for at in range(0, len(data), CRC_BLOCK)]
-    return list(_pool().map(zlib.crc32, blocks))
+    return list(_pool(os.getpid()).map(zlib.crc32, blocks))
 
 
 class ShardWriter:
