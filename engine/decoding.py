@@ -28,11 +28,14 @@ DECODE_BATCH = 1024  # images handed from tf.data to numpy at a time
 ALIGN = 64  # bytes: TensorFlow takes an array this aligned as a tensor without a copy
 
 
-def aligned_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array of zeros at a 64-byte aligned address (engine.pipelines.as_tensor
-    makes it a tensor without copying it; numpy's own arrays are 16-byte aligned)."""
+def aligned_zeros(shape: tuple[int, ...], zeros: bool = True) -> np.ndarray:
+    """A uint8 array at a 64-byte aligned address, of zeros unless `zeros` is False.
+
+    TensorFlow takes such an array as a tensor without copying it (engine.pipelines.
+    as_tensor, and a tf.numpy_function's result); numpy's own arrays are 16-byte aligned.
+    """
     size = int(np.prod(shape))
-    raw = np.zeros(size + ALIGN, np.uint8)  # calloc: pages are zeroed when first touched
+    raw = (np.zeros if zeros else np.empty)(size + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + size].reshape(shape)
 

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine.config import RunConfig
+from engine.decoding import aligned_zeros
 from engine.shards import Located
 
 # Training splits up to this many images are shuffled through a buffer of their positions
@@ -89,7 +90,7 @@ class SplitRows:
         """The images and labels at `positions` of the split, in that order; read in file
         order. Runs in tf.data's threads: os.preadv lets go of the GIL while it copies."""
         fds, offsets = self.fds[positions], self.offsets[positions]
-        out = np.empty((len(positions), *self.shape), np.uint8)
+        out = aligned_zeros((len(positions), *self.shape), zeros=False)  # taken without a copy
         record = out[0].nbytes if len(out) else 0
         fd_list, offset_list = fds.tolist(), offsets.tolist()
         for j in np.lexsort((offsets, fds)).tolist():
