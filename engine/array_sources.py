@@ -2,7 +2,7 @@
 images and labels (arrays), and a TensorFlow Datasets dataset on disk (tfds).
 
 arrays ends in engine.images.arrays_pipeline; tfds resizes each split through the
-shared decoded-image cache into engine.images.memory_pipeline.
+shared decoded-image cache, held in memory or streamed from it (engine.pipelines).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from engine import cache as image_cache
 from engine.config import RunConfig, UserError
-from engine.decoding import resize_image
+from engine.decoding import aligned_zeros, resize_image
 from engine.file_sources import Pipelines, require_path
 from engine.images import (
     DataInfo,
@@ -25,7 +25,8 @@ from engine.images import (
     arrays_pipeline,
     image_shape,
     label_index,
-    memory_pipeline,
+    load_source,
+    plan_images,
     text_digest,
 )
 
@@ -155,14 +156,20 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
     caps = (cfg.training_samples, cfg.validation_samples, 0)  # the test split is never capped
     counts = [_cap(_count(raw), cap) for raw, cap in zip(raws, caps, strict=False)]
     version = builder.info.version
+    plan = plan_images(cfg, sum(counts))  # one choice for all the splits together
     # The cache knows an example by dataset, version, split (with its slice) and index.
     parts = [
-        _cached_split(raw, f"tfds:{name}:{version}:{split}", count, cfg)
+        load_source(
+            [f"tfds:{name}:{version}:{split}:{i}" for i in range(count)],
+            SplitDecoder(raw, image_shape(cfg)),
+            cfg,
+            plan,
+        )
         for raw, split, count in zip(raws, split_names, counts, strict=False)
     ]
     pipelines = [
-        memory_pipeline(part.images, part.labels, cfg, training=(i == 0))
-        for i, part in enumerate(parts)
+        part.pipeline(np.arange(count), part.labels.astype(np.int32), cfg, training=(i == 0))
+        for i, (part, count) in enumerate(zip(parts, counts, strict=True))
     ]
     per_class = {
         split: np.bincount(part.labels, minlength=len(class_names)).tolist()
@@ -185,6 +192,7 @@ def load_tfds(name: str, data_dir: str, cfg: RunConfig) -> Pipelines:
         class_counts=per_class,
         test_ds=pipelines[2] if has_test else None,
         lineage=lineage,
+        pipeline_params=plan.params(),
     )
     return pipelines[0], pipelines[1], info
 
@@ -209,32 +217,38 @@ def _open_tfds(name: str, data_dir: str, cfg: RunConfig) -> tuple[Any, list[str]
     return builder, split_names, raws
 
 
-def _cached_split(
-    raw: tf.data.Dataset, key_prefix: str, count: int, cfg: RunConfig
-) -> image_cache.Decoded:
-    """A split's first `count` examples, resized, read from the shared cache or stored in it.
+class SplitDecoder:
+    """The cache's decode function for a TFDS split: indices of its examples -> resized.
 
-    key_prefix names the dataset, its version and the split; each example's key adds
-    its index.
+    The cache asks for pieces in ascending order, so one pass over the split serves
+    them all, a batch of it in memory at a time (a new pass starts if indices go back).
     """
-    shape = image_shape(cfg)
 
-    def decode(indices: list[int]) -> image_cache.Decoded:
-        """Resize the split's first max(indices) + 1 examples; keep those asked for."""
-        end = max(indices) + 1
-        images, labels = np.empty((end, *shape), np.uint8), np.empty(end, np.int64)
-        resized = raw.take(end).map(
-            lambda x, y: (resize_image(x, shape[0], shape[2]), y),
+    def __init__(self, raw: tf.data.Dataset, shape: tuple[int, int, int]):
+        self.raw, self.shape = raw, shape
+        self._restart()
+
+    def _restart(self) -> None:
+        size, channels = self.shape[0], self.shape[2]
+        resized = self.raw.map(
+            lambda x, y: (resize_image(x, size, channels), y),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        start = 0
-        for x, y in resized.batch(256).as_numpy_iterator():
-            images[start : start + len(x)], labels[start : start + len(x)] = x, y
-            start += len(x)
-        return image_cache.Decoded(images[indices], labels[indices])
+        self.batches = resized.batch(256).prefetch(1).as_numpy_iterator()
+        self.start = 0  # the example index of self.images[0]
+        self.images, self.labels = np.empty((0, *self.shape), np.uint8), np.empty(0, np.int64)
 
-    keys = [f"{key_prefix}:{i}" for i in range(count)]
-    return image_cache.load_images(keys, decode, cfg.cache, cfg.cache_dir, shape)
+    def __call__(self, indices: list[int]) -> image_cache.Decoded:
+        if indices and indices[0] < self.start:
+            self._restart()
+        images = aligned_zeros((len(indices), *self.shape))
+        labels = np.empty(len(indices), np.int64)
+        for j, index in enumerate(indices):
+            while index >= self.start + len(self.images):
+                self.start += len(self.images)
+                self.images, self.labels = next(self.batches)
+            images[j], labels[j] = self.images[index - self.start], self.labels[index - self.start]
+        return image_cache.Decoded(images, labels)
 
 
 def tfds_splits(available: set[str], cfg: RunConfig) -> list[str]:

@@ -13,6 +13,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from engine.memory import parse_size
+
 # The compute dtypes mixed_precision accepts; true/false are the older spellings of
 # auto/float32.
 PRECISIONS = ("auto", "bfloat16", "float16", "float32", "true", "false")
@@ -61,6 +63,12 @@ class RunConfig:
         "",
         "the decoded-image cache every run shares (default /storage/cache when /storage is "
         "writable, else ./.cache/images)",
+    )
+    memory_budget: str = knob(
+        "auto",
+        "memory the decoded images may take: held in memory when they fit, else streamed "
+        "from the disk cache; a size (4G, 512M, 2GiB), 0 (always stream) or auto (half of "
+        "what the machine or the container's memory limit leaves)",
     )
     follow_links_out: bool = knob(
         False, "imagedir: follow links that lead out of a class folder (by default skipped)"
@@ -153,6 +161,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        try:
+            parse_size(self.memory_budget)
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     def distribute_mode(self) -> str:
         """ "true", "false" or "multiworker" ("" for anything else); a resumed run's config

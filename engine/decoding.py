@@ -25,6 +25,19 @@ from engine.headers import max_pixels, read_header, too_large
 # returns for the same file changes, so no run reads images decoded the old way.
 DECODER_VERSION = 2  # 2: EXIF orientation applied
 DECODE_BATCH = 1024  # images handed from tf.data to numpy at a time
+ALIGN = 64  # bytes: TensorFlow takes an array this aligned as a tensor without a copy
+
+
+def aligned_zeros(shape: tuple[int, ...], zeros: bool = True) -> np.ndarray:
+    """A uint8 array at a 64-byte aligned address, of zeros unless `zeros` is False.
+
+    TensorFlow takes such an array as a tensor without copying it (engine.pipelines.
+    as_tensor, and a tf.numpy_function's result); numpy's own arrays are 16-byte aligned.
+    """
+    size = int(np.prod(shape))
+    raw = (np.zeros if zeros else np.empty)(size + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + size].reshape(shape)
 
 
 def resize_image(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
@@ -111,7 +124,7 @@ def decode_files(
         uint8, in the order of paths, zeros where a file failed; failures maps the
         index of each file that did not decode to the reason.
     """
-    images = np.zeros((len(paths), image_size, image_size, channels), np.uint8)
+    images = aligned_zeros((len(paths), image_size, image_size, channels))
     decoded = np.zeros(len(paths), bool)
     limit = max_pixels() if pixel_limit is None else pixel_limit
     headers = [read_header(path) for path in paths]  # ~10 us a file
@@ -148,7 +161,7 @@ def resize_images(images: np.ndarray, image_size: int, channels: int) -> np.ndar
         lambda image: resize_image(image, image_size, channels),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    out = np.empty((len(images), image_size, image_size, channels), np.uint8)
+    out = aligned_zeros((len(images), image_size, image_size, channels))
     start = 0
     for batch in ds.batch(256).as_numpy_iterator():
         out[start : start + len(batch)] = batch

@@ -5,7 +5,9 @@ Every data source ends in `files_pipeline` (image files) or `arrays_pipeline`
 (uint8 pixels 0..255 of shape (image_size, image_size, channels), int32 labels).
 The model casts them to float on the device: a quarter of float32's bytes cross.
 Decoding (engine.decoding) is also the check that a file is an image, and decoded
-images go through the shared disk cache (engine.cache).
+images go through the shared disk cache (engine.cache). A data set that fits
+--memory-budget is held in memory; a larger one is streamed from the cache's shards
+(engine.pipelines, engine.stream), with the same splits either way.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ from engine import cache as image_cache
 from engine.common import IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from engine.config import RunConfig, UserError
 
-# decode_image and resize_image stay importable from here, where forks found them
+# decode_image, resize_image and memory_pipeline stay importable from here, where forks
+# found them
 from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
+from engine.pipelines import (  # noqa: F401
+    Source,
+    as_tensor,
+    load_source,
+    memory_pipeline,
+    plan_images,
+)
 
 
 @dataclass
@@ -47,6 +57,9 @@ class DataInfo:
     # what the run saw, for its MLflow dataset input: a table (path, label, split) for
     # image files, or a name and a digest; see engine.tracking.log_dataset
     lineage: dict = field(default_factory=dict, repr=False, compare=False)
+    # how the run holds its images, for its params: data_pipeline (memory or stream),
+    # memory_budget_bytes, decoded_bytes (engine.memory.Plan); empty for a fork's own
+    pipeline_params: dict = field(default_factory=dict, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -184,42 +197,15 @@ def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
     return names.tolist()
 
 
-def memory_pipeline(
-    images, labels, cfg: RunConfig, training: bool, indices: np.ndarray | None = None
-) -> tf.data.Dataset:
-    """Decoded uint8 images in memory and their labels -> batched, prefetched pipeline.
-
-    Args:
-        images: (N, H, W, C) uint8, a numpy array or a tf.Tensor; the pipelines of
-            several splits can share one tensor of the whole set.
-        labels: (N,) class indices.
-        indices: the examples of this pipeline (default: all N). Gathered in one op
-            from the tensor: cheaper than a numpy copy that is then made a tensor.
-
-    The images are in memory already, so nothing is cached again; the training one
-    is reshuffled every epoch.
-    """
-    images = tf.convert_to_tensor(images)
-    labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
-    if indices is not None:
-        images, labels = tf.gather(images, indices), tf.gather(labels, indices)
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if training:
-        buffer = min(max(int(labels.shape[0]), 1), 10_000)
-        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
-    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def decode_cached(paths: list[str], keys: list[str], cfg: RunConfig) -> image_cache.Decoded:
-    """Image files and their cache keys (image_cache.file_key) -> decoded images, read
-    from the shared cache or decoded and stored."""
+def file_decoder(paths: list[str], cfg: RunConfig) -> image_cache.Decode:
+    """The cache's decode function for image files: indices of paths -> their images."""
     shape = image_shape(cfg)
 
     def decode(indices: list[int]) -> image_cache.Decoded:
         images, failures = decode_files([paths[i] for i in indices], shape[0], shape[2])
         return image_cache.Decoded(images, -np.ones(len(indices), np.int64), failures)
 
-    return image_cache.load_images(keys, decode, cfg.cache, cfg.cache_dir, shape)
+    return decode
 
 
 def files_pipeline(
@@ -240,23 +226,20 @@ def files_pipeline(
     The test split is info.test_ds.
     """
     keys = [image_cache.file_key(p) for p in paths]  # path, size, mtime: stat once
-    decoded = decode_cached(paths, keys, cfg)
-    skipped = [paths[i] for i in sorted(decoded.failures)]
+    held = load_source(keys, file_decoder(paths, cfg), cfg)
+    skipped = [paths[i] for i in sorted(held.failures)]
     if skipped:
-        report_skipped(skipped, reasons={paths[i]: why for i, why in decoded.failures.items()})
-    readable = np.flatnonzero(decoded.ok())
+        report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})
+    readable = np.flatnonzero(held.ok())
     labels_arr = np.array(labels, dtype=np.int32)[readable]
     require_classes(labels_arr, class_names)
     kept_splits = None if splits is None else [splits[i] for i in readable]
     parts = split_indices(labels_arr, cfg, kept_splits)
-
-    # one tensor of all decoded images; each split is gathered from it once
-    images = tf.convert_to_tensor(decoded.images)
     all_labels = np.zeros(len(paths), np.int32)
     all_labels[readable] = labels_arr
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        return memory_pipeline(images, all_labels, cfg, training, readable[idx])
+        return held.pipeline(readable[idx], all_labels, cfg, training)
 
     kept_paths = [paths[i] for i in readable]
     table = {
@@ -274,11 +257,12 @@ def files_pipeline(
         "table": table,
         "digest": text_digest("\t".join(row) + "\n" for row in rows),
     }
-    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage)
+    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage, held)
 
 
-def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, lineage):
-    """(train_ds, val_ds, info) from a pipeline(indices, training) function and a split."""
+def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, lineage, held):
+    """(train_ds, val_ds, info) from a pipeline(indices, training) function, a split and
+    the Source that holds the images."""
     train, val, test = parts
     info = DataInfo(
         image_shape=image_shape(cfg),
@@ -291,6 +275,7 @@ def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, linea
         class_counts=class_counts(labels, parts, len(class_names)),
         test_ds=pipeline(test, False) if len(test) else None,
         lineage=lineage,
+        pipeline_params=held.plan.params(),
     )
     return pipeline(train, True), pipeline(val, False), info
 
@@ -306,22 +291,35 @@ def arrays_pipeline(
     """Images in memory (N, H, W, C), pixel values 0..255, and label indices -> pipelines.
 
     `splits` as for files_pipeline; the test split is info.test_ds. The images are
-    resized once, up front, to uint8; being in memory already, they skip the disk cache.
+    resized once, up front, to uint8. When they fit the memory budget they are held in
+    memory and skip the disk cache; larger ones go through the cache (keyed by the
+    arrays' digest and each image's index) and are streamed from it, and the arrays
+    themselves can go once load_data returns.
     """
     labels_arr = np.asarray(labels, dtype=np.int32)
     require_classes(labels_arr, class_names)
     parts = split_indices(labels_arr, cfg, splits)
     used = np.concatenate(parts)  # resize only what the caps keep
-    resized = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
-    resized = tf.convert_to_tensor(resized)
-    row = np.zeros(len(labels_arr), np.int64)  # example index -> its row in resized
+    digest = array_digest(images, labels)
+    plan = plan_images(cfg, len(used))
+    if plan.pipeline == "memory":
+        resized = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
+        held = Source(plan, {}, np.full(len(used), -1), images=as_tensor(resized))
+    else:
+
+        def decode(indices: list[int]) -> image_cache.Decoded:
+            resized = resize_images(np.asarray(images)[used[indices]], cfg.image_size, cfg.channels)
+            return image_cache.Decoded(resized, np.full(len(indices), -1, np.int64))
+
+        held = load_source([f"arrays:{digest}:{i}" for i in used], decode, cfg, plan)
+    row = np.zeros(len(labels_arr), np.int64)  # example index -> its row in `used`
     row[used] = np.arange(len(used))
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
-        return memory_pipeline(resized, labels_arr[used], cfg, training, row[idx])
+        return held.pipeline(row[idx], labels_arr[used], cfg, training)
 
-    lineage = {"name": source or "arrays", "source": "", "digest": array_digest(images, labels)}
-    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage)
+    lineage = {"name": source or "arrays", "source": "", "digest": digest}
+    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage, held)
 
 
 def text_digest(lines) -> str:

@@ -2,6 +2,7 @@
 
 Usage:
     python tests/bench_pipeline.py [--images 4000] [--image-size 64] [--repeats 3]
+        [--scale 2000] [--scale-size 128] [--scale-only]
 
 All sources read the same generated images. For each source:
   cold    the first epoch of a first run: load_data with an empty decoded-image
@@ -14,6 +15,13 @@ cold and warm runs do the same work. Each figure is the best of --repeats rounds
 rows taking turns within a round. The baseline opens and resizes one image at a time
 with PIL in a Python generator fed to tf.data.Dataset.from_generator, with no
 caching, so its epochs cost the same. The last line is the imagedir summary.
+
+Then the scale table (--scale N, 0 to skip it): imagedir data of N and 10*N images at
+--scale-size px (N distinct generated PNGs, the 10*N set made of hard links to them),
+each held in memory and streamed from the disk cache (--memory-budget 1T and 0),
+every cell in a child process of its own: a first run on an empty cache (cold), then
+--scale-repeats runs on the filled one. Each reports its peak RSS (the child's own
+ru_maxrss) and its epochs' img/s; the table keeps the largest RSS and the best rate.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -181,6 +192,143 @@ def print_report(args, info, best, cache_bytes: float, per_core: float, load_bef
     )
 
 
+# ----------------------------------------------------------------------------
+# The scale table: memory and speed at N and 10*N images, in memory and streamed
+# ----------------------------------------------------------------------------
+
+BUDGETS = {"memory": "1T", "stream": "0"}
+
+
+def run_cell(spec: dict) -> dict:
+    """One cell, in this (child) process: load_data, a first epoch, then cached epochs."""
+    cfg = train.Config(
+        data_source="imagedir",
+        data_dir=spec["data_dir"],
+        cache_dir=spec["cache_dir"],
+        image_size=spec["image_size"],
+        batch_size=spec["batch_size"],
+        memory_budget=spec["budget"],
+        val_split=0.2,
+        test_split=0.0,
+    )
+    started = time.perf_counter()
+    train_ds, _, info = train.load_data(cfg)
+    first, count = epoch_rate(train_ds, started)
+    assert count == info.train_count, (count, info.train_count)
+    cached = max(epoch_rate(train_ds, time.perf_counter())[0] for _ in range(spec["epochs"]))
+    graph_epoch(train_ds)  # traced once
+    in_graph = max(info.train_count / _seconds(lambda: graph_epoch(train_ds)) for _ in range(2))
+    return {
+        "graph": in_graph,
+        "pipeline": info.pipeline_params["data_pipeline"],
+        "first": first,
+        "cached": cached,
+        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "train_count": info.train_count,
+    }
+
+
+@tf.function
+def graph_epoch(ds: tf.data.Dataset) -> tf.Tensor:
+    """One pass over ds inside a tf.function: how Keras' fit reads its batches (no Python
+    between them)."""
+    count = tf.constant(0, tf.int64)
+    for images, _ in ds:
+        count += tf.cast(tf.shape(images)[0], tf.int64)
+    return count
+
+
+def run_baseline_cell(spec: dict) -> dict:
+    """The naive generator over a training share of the images, in this (child) process."""
+    paths = sorted(str(p) for p in Path(spec["data_dir"]).rglob("*.png"))[: spec["count"]]
+    labels = [DEMO_CLASSES.index(Path(p).parent.name) for p in paths]
+    cfg = train.Config(image_size=spec["image_size"], batch_size=spec["batch_size"])
+    return {"cached": naive_baseline(paths, labels, cfg)[2]}
+
+
+def child(spec: dict) -> dict:
+    """Run a cell in a fresh Python process; what it measured."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--cell", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cell {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_scale_data(folder: Path, count: int, size: int) -> dict[int, Path]:
+    """count distinct PNGs, and a second set of 10 * count that repeats them as hard links."""
+    small, large = folder / f"n{count}", folder / f"n{count * 10}"
+    print(f"generating {count} {size}px PNGs for the scale table ...", flush=True)
+    make_demo_data(small, count, size, seed=0)
+    for name in DEMO_CLASSES:
+        (large / name).mkdir(parents=True)
+        for copy in range(10):
+            for path in sorted((small / name).glob("*.png")):
+                os.link(path, large / name / f"{copy}-{path.name}")
+    return {count: small, count * 10: large}
+
+
+def scale_table(args, folder: Path) -> list[str]:
+    """Measure every cell of the scale table; its lines, in Markdown."""
+    sets = make_scale_data(folder, args.scale, args.scale_size)
+    image_bytes = args.scale_size**2 * 3
+    cells: dict[tuple[int, str], dict] = {}
+    for count, data_dir in sets.items():
+        for pipeline, budget in BUDGETS.items():
+            spec = {
+                "data_dir": str(data_dir),
+                "cache_dir": str(folder / f"cache-{count}-{pipeline}"),
+                "image_size": args.scale_size,
+                "batch_size": args.batch_size,
+                "budget": budget,
+                "epochs": 2,
+            }
+            print(f"scale: {count} images, {pipeline} ...", flush=True)
+            cold = child(spec)
+            warm = [child(spec) for _ in range(args.scale_repeats)]
+            assert {c["pipeline"] for c in [cold, *warm]} == {pipeline}
+            cells[count, pipeline] = {
+                "cold_rss": cold["rss"],
+                "rss": max(c["rss"] for c in warm),
+                "first": max(c["first"] for c in warm),
+                "cached": max(c["cached"] for c in warm),
+                "graph": max(c["graph"] for c in warm),
+                "train": cold["train_count"],
+            }
+    small = min(sets)
+    share = cells[small, "memory"]["train"]
+    base = {"data_dir": str(sets[small]), "count": share, "image_size": args.scale_size}
+    baseline = child({**base, "batch_size": args.batch_size, "baseline": True})["cached"]
+    lines = [
+        "| images | decoded | pipeline | peak RSS, cold run | peak RSS, warm run | warm first "
+        "epoch (img/s) | cached epoch (img/s) | vs baseline | vs in memory | cached epoch in "
+        "a tf.function (img/s) | vs in memory |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (count, pipeline), cell in cells.items():
+        memory = cells[count, "memory"]
+        lines.append(
+            f"| {count:,} | {count * image_bytes / 1e6:,.0f} MB | {pipeline} | "
+            f"{cell['cold_rss'] / 1e6:,.0f} MB | {cell['rss'] / 1e6:,.0f} MB | "
+            f"{cell['first']:,.0f} | {cell['cached']:,.0f} | {cell['cached'] / baseline:.0f}x | "
+            f"{cell['cached'] / memory['cached']:.2f}x | {cell['graph']:,.0f} | "
+            f"{cell['graph'] / memory['graph']:.2f}x |"
+        )
+    large = max(sets)
+    lines.append(
+        f"\nnaive generator baseline: {baseline:,.0f} img/s ({share} images, "
+        f"{args.scale_size} px); stream peak RSS at {large:,} / {small:,} images: "
+        f"{cells[large, 'stream']['rss'] / cells[small, 'stream']['rss']:.2f}x warm, "
+        f"{cells[large, 'stream']['cold_rss'] / cells[small, 'stream']['cold_rss']:.2f}x cold "
+        f"(in memory: {cells[large, 'memory']['rss'] / cells[small, 'memory']['rss']:.2f}x)"
+    )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000)
@@ -188,10 +336,24 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64, help="size the pipeline resizes to")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of each is kept")
+    parser.add_argument("--scale", type=int, default=2000, help="N of the scale table (0: none)")
+    parser.add_argument("--scale-size", type=int, default=128, help="the scale table's px")
+    parser.add_argument("--scale-repeats", type=int, default=2, help="warm runs per cell")
+    parser.add_argument("--scale-only", action="store_true", help="only the scale table")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # one cell, in a child process
     args = parser.parse_args()
+    if args.cell:
+        spec = json.loads(args.cell)
+        print(json.dumps(run_baseline_cell(spec) if "baseline" in spec else run_cell(spec)))
+        return 0
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]
 
+    if args.scale_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            lines = scale_table(args, Path(tmp))
+        print_scale(lines, load_before)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         paths, labels, data_dirs, tfds_name = write_sources(
             Path(tmp), args.images, args.source_size
@@ -234,7 +396,21 @@ def main() -> int:
         per_core = len(share) / seconds / cores
 
     print_report(args, info, best, cache_bytes, per_core, load_before)
+    if args.scale:
+        load_before = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            lines = scale_table(args, Path(tmp))
+        print_scale(lines, load_before)
     return 0
+
+
+def print_scale(lines: list[str], load_before: float) -> None:
+    """The scale table, with the load average around it (a busy machine lowers rates)."""
+    print(
+        f"\nscale table: {len(os.sched_getaffinity(0))} cores, load average {load_before:.1f} "
+        f"before and {os.getloadavg()[0]:.1f} after\n"
+    )
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
