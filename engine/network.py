@@ -38,6 +38,10 @@ CONTRACT = (
 )
 
 
+# define_network's type: (input_shape, num_classes, cfg) -> keras.Model
+DefineNetwork = Callable[[tuple[int, int, int], int, Any], keras.Model]
+
+
 @dataclass(frozen=True)
 class Head:
     """How a model's output and its labels are shaped."""

@@ -18,34 +18,22 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
 
-from engine import checkpoints, environment, multiworker, provenance, tracking
+from engine import checkpoints, environment, multiworker, network, provenance, resuming, tracking
 from engine.balance import class_weights, describe_counts, init_output_bias, warn_imbalance
 from engine.common import PROJECT_DIR
 from engine.config import RunConfig
 from engine.data_contract import LoadData, check_data
 from engine.devices import choose_strategy, set_precision
 from engine.images import DataInfo
-from engine.network import Head, build_network, check_monitor, encode_labels, weigh_classes
-from engine.resuming import (
-    log_missing_epochs,
-    open_resumed_run,
-    resumed_config,
-    say_how_to_resume,
-    tracking_lost,
-)
 from engine.scoring import log_evaluation, log_test
-
-DefineNetwork = Callable[[tuple[int, int, int], int, Any], keras.Model]
 
 
 @dataclass
@@ -76,7 +64,7 @@ class RunSetup:
     val_ds: tf.data.Dataset
     info: DataInfo
     model: keras.Model
-    head: Head
+    head: network.Head
     weights: dict[int, float] | None  # class weights, None: unweighted
     cluster: multiworker.Cluster | None = None  # the workers, under MultiWorkerMirroredStrategy
     chief: bool = True  # whether this process logs the run (all but a non-chief worker)
@@ -85,7 +73,7 @@ class RunSetup:
 def run_training(
     cfg: RunConfig,
     load_data: LoadData,
-    define_network: DefineNetwork,
+    define_network: network.DefineNetwork,
     callbacks: list[keras.callbacks.Callback] | None = None,
     tags: dict[str, str] | None = None,
 ) -> TrainResult:
@@ -120,7 +108,7 @@ def run_training(
             results = log_results(setup) if setup.chief else ({}, {}, "", None)
             best_metrics, test_metrics, model_uri, model_version = results
     except Exception as err:
-        lost = tracking_lost(err, setup.tracking_uri, run_id, cfg)
+        lost = resuming.tracking_lost(err, setup.tracking_uri, run_id, cfg)
         if lost is None:
             raise
         raise lost from None
@@ -140,7 +128,7 @@ def run_training(
     )
 
 
-def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) -> RunSetup:
+def prepare(cfg: RunConfig, load_data: LoadData, define_network: network.DefineNetwork) -> RunSetup:
     """Every check that comes before a run exists: config, server, checkpoint, data, network."""
     cfg.validate()
     tracking_uri = tracking.configure_tracking()
@@ -148,9 +136,9 @@ def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) 
     state = checkpoints.TrainingState(config=dataclasses.asdict(cfg))
     if cfg.resume_run_id:
         checkpoints.find_checkpoint(root, cfg.resume_run_id)
-        open_resumed_run(cfg.resume_run_id)
+        resuming.open_resumed_run(cfg.resume_run_id)
         state = checkpoints.TrainingState.load(root / cfg.resume_run_id)
-        cfg = resumed_config(cfg, state)
+        cfg = resuming.resumed_config(cfg, state)
         print(
             f"resuming run {cfg.resume_run_id} after epoch {state.epoch + 1} of {cfg.epochs} "
             "with its own config"
@@ -173,12 +161,12 @@ def prepare(cfg: RunConfig, load_data: LoadData, define_network: DefineNetwork) 
     print("building the network ...")
     steps_per_epoch = math.ceil(info.train_count / global_cfg.batch_size)
     with strategy.scope():
-        model, head = build_network(
+        model, head = network.build_network(
             define_network, info.image_shape, info.num_classes, cfg, steps_per_epoch
         )
     outputs = "one sigmoid output" if head.binary else f"{head.units} softmax outputs"
     print(f"  {model.name}: {model.count_params():,} parameters, {outputs}, {policy}")
-    check_monitor(model, val_ds, head, info.num_classes, cfg.monitor)
+    network.check_monitor(model, val_ds, head, info.num_classes, cfg.monitor)
     tracking.check_registered_classes(cfg, info.class_names)  # the registry, last
     weights = class_weights(cfg.class_weight, info)
     if head.binary and not cfg.resume_run_id:
@@ -261,6 +249,7 @@ def log_setup(setup: RunSetup, run_id: str, folder: Path, tags: dict[str, str] |
             "global_batch_size": setup.global_batch_size,
             "dtype_policy": setup.policy,
             "output_units": setup.head.units,
+            **info.pipeline_params,  # data_pipeline (memory or stream), memory_budget
         },
     )
     lines: list[str] = []
@@ -284,7 +273,7 @@ def fit(
     if cfg.resume_run_id:  # every worker from the chief's checkpoint
         checkpoints.resume(setup.model, setup.checkpoint_root / run_id, best)
         initial_epoch = state.epoch + 1
-        if setup.chief and log_missing_epochs(run_id, state):
+        if setup.chief and resuming.log_missing_epochs(run_id, state):
             print("  logged the metrics of a checkpointed epoch the crash had not sent")
 
     print(
@@ -301,9 +290,11 @@ def fit(
     ]
     try:
         setup.model.fit(
-            encode_labels(weigh_classes(setup.train_ds, setup.weights), head, info.num_classes),
-            validation_data=encode_labels(
-                weigh_classes(setup.val_ds, setup.weights), head, info.num_classes
+            network.encode_labels(
+                network.weigh_classes(setup.train_ds, setup.weights), head, info.num_classes
+            ),
+            validation_data=network.encode_labels(
+                network.weigh_classes(setup.val_ds, setup.weights), head, info.num_classes
             ),
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
@@ -313,7 +304,7 @@ def fit(
         )
     except BaseException:  # SIGTERM arrives as SystemExit, Ctrl-C as KeyboardInterrupt
         if state.epoch >= 0 and setup.chief:
-            say_how_to_resume(run_id, cfg)
+            resuming.say_how_to_resume(run_id, cfg)
         raise
     metrics_logger.flush()  # nothing to send on a non-chief worker
 

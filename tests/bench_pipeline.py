@@ -330,6 +330,8 @@ def scale_table(args, folder: Path) -> list[str]:
 
 
 def main() -> int:
+    """The bench's flags, then each table in turn. Long because it is the one place that
+    lists every flag and prints the tables in the order doc/benchmarks.md keeps them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--source-size", type=int, default=128, help="generated image size")
