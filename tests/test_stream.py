@@ -25,7 +25,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
-from engine import cache_store, memory, shards, stream
+from engine import cache_store, decoding, memory, shards, stream
 from engine.cache import ImageCache, locate_images
 from engine.config import UserError
 from engine.images import DataInfo
@@ -159,6 +159,23 @@ def test_a_cold_run_decodes_and_writes_a_piece_at_a_time(tmp_path, monkeypatch):
     assert list(images[:, 0, 0, 0]) == [44, 0, 17] and list(labels) == [0, 0, 1]
     half = split.part(1, 2)
     assert len(half) == 22 and list(half.read(np.array([0]))[0][:, 0, 0, 0]) == [1]
+
+
+def test_a_cold_imagedir_run_decodes_in_one_pass_and_writes_a_shard_at_a_time(
+    demo_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 16)
+    monkeypatch.setattr(decoding, "DECODE_BATCH", 10)
+    (demo_dir / "uninfected" / "notes.png").write_text("not an image")
+    calls = []
+    monkeypatch.setattr(decoding, "decode_error", lambda *a: calls.append(a) or "not an image")
+    (train_ds, *_), info, printed = load(demo_dir, tmp_path / "cache", STREAMED, capsys)
+    folder = ImageCache(tmp_path / "cache", 32, 3).folder
+    metas = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert [m["rows"] for m in metas] == [16, 16, 16]
+    assert [list(m["failed"].values()) for m in metas] == [[], [], ["not an image"]]
+    assert len(calls) == 1 and info.skipped_files == [str(demo_dir / "uninfected" / "notes.png")]
+    assert len(batches(train_ds)[0]) == info.train_count
 
 
 def test_shards_written_before_checksums_are_still_read(tmp_path, capsys):
