@@ -339,7 +339,7 @@ def scale_table(args, folder: Path) -> list[str]:
     return lines
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--source-size", type=int, default=128, help="generated image size")
@@ -351,19 +351,29 @@ def main() -> int:
     parser.add_argument("--scale-repeats", type=int, default=2, help="warm runs per cell")
     parser.add_argument("--scale-only", action="store_true", help="only the scale table")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # one cell, in a child process
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.cell:
         spec = json.loads(args.cell)
         print(json.dumps(run_baseline_cell(spec) if "baseline" in spec else run_cell(spec)))
         return 0
-    cores = len(os.sched_getaffinity(0))
-    load_before = os.getloadavg()[0]
-
-    if args.scale_only:
+    if not args.scale_only:
+        source_table(args)
+    if args.scale:
+        load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as tmp:
             lines = scale_table(args, Path(tmp))
         print_scale(lines, load_before)
-        return 0
+    return 0
+
+
+def source_table(args: argparse.Namespace) -> None:
+    """Measure and print the table of sources against the baseline."""
+    cores = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         paths, labels, data_dirs, tfds_name = write_sources(
             Path(tmp), args.images, args.source_size
@@ -406,12 +416,6 @@ def main() -> int:
         per_core = len(share) / seconds / cores
 
     print_report(args, info, best, cache_bytes, per_core, load_before)
-    if args.scale:
-        load_before = os.getloadavg()[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            lines = scale_table(args, Path(tmp))
-        print_scale(lines, load_before)
-    return 0
 
 
 def print_scale(lines: list[str], load_before: float) -> None:
