@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from engine.shards import Decoded, Shard, ShardWriter, open_shard, read_rows
 
 DECODE_CHUNK = 2048  # images decoded (and held) at a time before they are written
 
-# indices of the keys to decode (ascending, at most DECODE_CHUNK) -> their images
+# indices of the keys to decode (ascending, at most DECODE_CHUNK) -> their images; it may
+# also have a `pieces(indices)` method that decodes them all in one pass (see _pieces)
 Decode = Callable[[list[int]], Decoded]
 
 
@@ -60,9 +61,7 @@ def decode_and_store(
     storing = True
     try:
         remove_leftovers(folder)
-        for start in range(0, len(missing), DECODE_CHUNK):
-            chunk = missing[start : start + DECODE_CHUNK]
-            new = decode(chunk)
+        for chunk, new in _pieces(decode, missing):
             if out is not None:
                 out.images[chunk], out.labels[chunk] = new.images, new.labels
                 out.failures.update({chunk[i]: why for i, why in new.failures.items()})
@@ -85,6 +84,19 @@ def decode_and_store(
             f"{folder}; the cache holds {size_bytes(folder.parent) / 1e6:.1f} MB"
         )
     return storing
+
+
+def _pieces(decode: Decode, missing: list[int]) -> Iterator[tuple[list[int], Decoded]]:
+    """The images of the keys at `missing`, a piece at a time: (their positions, Decoded).
+    In one pass where the decode function offers one (a `pieces` method, as
+    engine.images.FileDecoder), else DECODE_CHUNK at a time."""
+    pieces = getattr(decode, "pieces", None)
+    if pieces is not None:
+        yield from pieces(missing)
+        return
+    for start in range(0, len(missing), DECODE_CHUNK):
+        chunk = missing[start : start + DECODE_CHUNK]
+        yield chunk, decode(chunk)
 
 
 def _append(writer: ShardWriter, keys: list[str], new: Decoded, folder: Path) -> bool:

@@ -15,6 +15,7 @@ viewer shows it, in training, predict and serving alike.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -125,11 +126,28 @@ def decode_files(
         index of each file that did not decode to the reason.
     """
     images = aligned_zeros((len(paths), image_size, image_size, channels))
-    decoded = np.zeros(len(paths), bool)
+    failures: dict[int, str] = {}
+    for index, batch, failed in decode_pieces(paths, image_size, channels, pixel_limit):
+        images[index] = batch
+        failures.update(failed)
+    return images, dict(sorted(failures.items()))
+
+
+def decode_pieces(
+    paths: list[str], image_size: int, channels: int, pixel_limit: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, str]]]:
+    """decode_files a piece at a time, from one parallel pass over all the files.
+
+    Yields:
+        (indices, images, failures): up to DECODE_BATCH decoded images and the indices
+        of their paths, in order; a last piece with no images holds the failures
+        (index -> reason), which decode_files describes.
+    """
     limit = max_pixels() if pixel_limit is None else pixel_limit
     headers = [read_header(path) for path in paths]  # ~10 us a file
     refused = {i: why for i, header in enumerate(headers) if (why := too_large(header, limit))}
     todo = np.array([i for i in range(len(paths)) if i not in refused], np.int64)
+    decoded = np.zeros(len(paths), bool)
     if len(todo):
         orientation = np.array([headers[i].orientation if headers[i] else 1 for i in todo])
         ds = tf.data.Dataset.from_tensor_slices(
@@ -141,13 +159,14 @@ def decode_files(
         )
         # A file that fails drops out here; its index is missing below, and it is
         # decoded once more on its own for the reason. Big batches: little Python
-        # work, and memory for no more than one batch besides the images.
+        # work, and memory for no more than a few batches.
         for index, batch in ds.ignore_errors().batch(DECODE_BATCH).as_numpy_iterator():
-            images[index] = batch
             decoded[index] = True
+            yield index, batch, {}
     failed = [int(i) for i in np.flatnonzero(~decoded) if int(i) not in refused]
     failures = {i: decode_error(paths[i], image_size, channels) for i in failed}
-    return images, dict(sorted({**failures, **refused}.items()))
+    empty = np.zeros((0, image_size, image_size, channels), np.uint8)
+    yield np.zeros(0, np.int64), empty, {**failures, **refused}
 
 
 def resize_images(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from engine.config import RunConfig, UserError
 # found them
 from engine.decoding import decode_files, decode_image, resize_image, resize_images  # noqa: F401
 from engine.pipelines import (  # noqa: F401
+    FileDecoder,
     Source,
     as_tensor,
     load_source,
@@ -197,17 +198,6 @@ def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
     return names.tolist()
 
 
-def file_decoder(paths: list[str], cfg: RunConfig) -> image_cache.Decode:
-    """The cache's decode function for image files: indices of paths -> their images."""
-    shape = image_shape(cfg)
-
-    def decode(indices: list[int]) -> image_cache.Decoded:
-        images, failures = decode_files([paths[i] for i in indices], shape[0], shape[2])
-        return image_cache.Decoded(images, -np.ones(len(indices), np.int64), failures)
-
-    return decode
-
-
 def files_pipeline(
     paths: list[str],
     labels: list[int],
@@ -226,7 +216,7 @@ def files_pipeline(
     The test split is info.test_ds.
     """
     keys = [image_cache.file_key(p) for p in paths]  # path, size, mtime: stat once
-    held = load_source(keys, file_decoder(paths, cfg), cfg)
+    held = load_source(keys, FileDecoder(paths, cfg), cfg)
     skipped = [paths[i] for i in sorted(held.failures)]
     if skipped:
         report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 from engine import cache as image_cache
 from engine.config import RunConfig
-from engine.decoding import ALIGN
+from engine.decoding import ALIGN, decode_files, decode_pieces
 from engine.memory import Plan, format_size, plan_for
 from engine.shards import Located
 from engine.stream import SplitRows, stream_pipeline
@@ -81,6 +82,35 @@ class Source:
             rows = SplitRows.of(self.located, positions, np.asarray(labels)[positions], shape)
             return stream_pipeline(rows, cfg, training)
         return memory_pipeline(self.images, labels, cfg, training, positions)
+
+
+class FileDecoder:
+    """The cache's decode function for image files: indices of paths -> their images.
+
+    Called with some indices, it decodes those; `pieces` decodes many in one parallel
+    pass, handing them on a piece at a time (engine.cache_store writes each as it comes).
+    """
+
+    def __init__(self, paths: list[str], cfg: RunConfig):
+        self.paths, self.shape = paths, (cfg.image_size, cfg.image_size, cfg.channels)
+
+    def __call__(self, indices: list[int]) -> image_cache.Decoded:
+        size, channels = self.shape[0], self.shape[2]
+        images, failures = decode_files([self.paths[i] for i in indices], size, channels)
+        return image_cache.Decoded(images, -np.ones(len(indices), np.int64), failures)
+
+    def pieces(self, indices: list[int]) -> Iterator[tuple[list[int], image_cache.Decoded]]:
+        """(indices, their Decoded) pieces: decoded images, then the files that failed."""
+        paths = [self.paths[i] for i in indices]
+        for at, images, failed in decode_pieces(paths, self.shape[0], self.shape[2]):
+            if len(at):
+                unlabeled = -np.ones(len(at), np.int64)
+                yield [indices[j] for j in at.tolist()], image_cache.Decoded(images, unlabeled)
+            if failed:
+                zeros = np.zeros((len(failed), *self.shape), np.uint8)
+                reasons = dict(enumerate(failed.values()))
+                decoded = image_cache.Decoded(zeros, -np.ones(len(failed), np.int64), reasons)
+                yield [indices[j] for j in failed], decoded
 
 
 def plan_images(cfg: RunConfig, count: int) -> Plan:
