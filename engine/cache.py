@@ -9,8 +9,8 @@ failed are kept with their reason, so a warm run reports the same skipped files.
 
 On disk, one folder per (image size, channels, DECODER_VERSION) holds shards
 (engine.shards): each a `.npy` array of images and a `.json` list of their keys,
-labels, failures and checksum, written a piece at a time as images are decoded (a
-cold run holds no more than DECODE_CHUNK decoded images) and renamed into place whole.
+labels, failures and checksums, written a piece at a time as images are decoded (a
+cold run holds a piece of them, never the whole set) and renamed into place whole.
 A lock file (fcntl.flock) lets many runs read at once and one write: a run that has
 to decode waits for a writer and then reads what it wrote. A writer first removes
 what dead writers left (temporary files, an `.npy` without its `.json`), and a write
