@@ -11,6 +11,11 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     headers       an image file's size and EXIF orientation, read before decoding
     cache         the decoded-image cache every run shares (--cache-dir)
     cache_folder  how runs share a cache folder: its lock and its modes
+    cache_store   writing to the cache: one decoding pass, shards, compaction, leftovers
+    shards        the cache's shard files: written a piece at a time, checked, read by row
+    memory        --memory-budget: what the decoded images may take; memory or stream
+    pipelines     decoded images into tf.data: held in memory or streamed
+    stream        batches read by row from the cache's shards (data larger than memory)
     sources       the built-in data sources, one import path for the two modules below
     file_sources  image files: imagedir, dataframe (a table of paths), demo
     array_sources images as arrays: arrays (.npz/HDF5), tfds
