@@ -21,6 +21,7 @@ from engine import cache as image_cache
 from engine.config import RunConfig
 from engine.sources import make_demo_data
 from engine.training import TrainResult, run_training
+from tests import host_fakes
 from tests.servers import MlflowServer
 
 FORK_HEAD = os.environ.get("TEST_FORK_HEAD", "")
@@ -166,3 +167,15 @@ def demo_dir(tmp_path):
     directory = tmp_path / "cells"
     make_demo_data(directory, samples=48, image_size=32, seed=1)
     return directory
+
+
+# The host tests' fakes: commands on PATH (docker, nvidia-smi, ...) and an HTTP server.
+@pytest.fixture
+def fake_bin(tmp_path, monkeypatch):
+    return host_fakes.fake_bin(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def http_server():
+    with host_fakes.http_server() as url:
+        yield url

@@ -13,14 +13,6 @@ import pytest
 from engine.common import PROJECT_DIR
 from host.artifacts import create_run_first, find_experiment, local_artifacts, local_folder
 from host.plan import Plan
-from tests import host_fakes
-
-
-@pytest.fixture
-def http_server():
-    with host_fakes.http_server() as url:
-        yield url
-
 
 # ---------------------------------------------------------------------------
 # Artifacts in a local folder (experiments made without a server, e.g. by quickstart)

@@ -12,14 +12,7 @@ import pytest
 
 from engine.common import PROJECT_DIR
 from host.image import build_command, code_image_tag, previous_base, read_image_tag
-from tests import host_fakes
 from tests.host_fakes import fake_command
-
-
-@pytest.fixture
-def fake_bin(tmp_path, monkeypatch):
-    return host_fakes.fake_bin(tmp_path, monkeypatch)
-
 
 # ---------------------------------------------------------------------------
 # One image tag: MLproject, the Makefile and the driver agree

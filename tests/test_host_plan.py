@@ -26,23 +26,11 @@ from host.plan import (
     user_docker_arg_names,
 )
 from host.run import plan_data
-from tests import host_fakes
 from tests.host_fakes import fake_command, fake_docker
 from tests.servers import free_port
 
 NO_GPU = GpuInfo(runtime=False, count=0)
 ONE_GPU = GpuInfo(runtime=True, count=1)
-
-
-@pytest.fixture
-def fake_bin(tmp_path, monkeypatch):
-    return host_fakes.fake_bin(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def http_server():
-    with host_fakes.http_server() as url:
-        yield url
 
 
 # ---------------------------------------------------------------------------

@@ -23,21 +23,8 @@ from engine.config import UserError
 from host.launch import Job, Launcher
 from host.plan import IMAGE_UID, Plan
 from host.run import retries_setting
-from tests import host_fakes
 from tests.host_fakes import fake_command, fake_docker
 from tests.servers import free_port
-
-
-@pytest.fixture
-def fake_bin(tmp_path, monkeypatch):
-    return host_fakes.fake_bin(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def http_server():
-    with host_fakes.http_server() as url:
-        yield url
-
 
 # ---------------------------------------------------------------------------
 # project_driver.bash against fake docker and mlflow (no container is started)
