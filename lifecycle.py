@@ -7,6 +7,7 @@ Usage:
     python lifecycle.py request --url http://127.0.0.1:5001 cell.png other.jpg
     python lifecycle.py export --model models:/image-classifier@champion --output serving/cells
     python lifecycle.py reap-runs --stale-minutes 60
+    python lifecycle.py reproduce --model models:/image-classifier@champion
     mlflow run . -e validate -P model=models:/image-classifier@candidate
 
 A model is named by models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model,
@@ -28,6 +29,7 @@ import dataclasses
 import sys
 
 import train  # the fork's Config (its model name and data knobs) and load_data; light
+from engine import reproduction_flags
 from engine.config import UserError, add_config_flags, config_from, parse_bool
 
 MODEL_NAME = train.Config().registered_model_name
@@ -124,6 +126,8 @@ def build_parser(data_config: type = train.Config) -> argparse.ArgumentParser:
         if name == "validate":
             knobs = {f.name for f in dataclasses.fields(data_config)} - set(VALIDATE_OWN_FLAGS)
             add_config_flags(command, data_config, knobs)
+    reproduce = commands.add_parser("reproduce", help=reproduction_flags.HELP)
+    reproduction_flags.add_arguments(reproduce, MODEL_NAME)
     return parser
 
 
@@ -142,6 +146,11 @@ def run(args: argparse.Namespace) -> None:
         from engine import reaping
 
         reaping.reap_runs(args.experiment, args.stale_minutes, args.dry_run)
+        return
+    if args.command == "reproduce":  # it trains in a subprocess or the image: no TensorFlow
+        from host.reproduce import reproduce
+
+        reproduce(args)
         return
     from engine.cli import quiet_tensorflow
 

@@ -90,6 +90,11 @@ class RunConfig:
         0, "stop after this many epochs without a better monitored value (0 = never)"
     )
     seed: int = knob(42, "seeds Python, NumPy, TensorFlow and the data split")
+    deterministic: bool = knob(
+        False,
+        "true: TensorFlow's op determinism and a fixed input order, so the same machine gives "
+        "the same figures twice (`make reproduce` says `exact`); slower, most on a GPU",
+    )
     mixed_precision: str = knob(
         "auto",
         "compute dtype: auto (bfloat16 on compute capability >= 8.0, float16 on older GPUs, "

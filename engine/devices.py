@@ -7,6 +7,8 @@ GPUs' compute capability (`compute_dtype` is that choice, pure).
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -27,7 +29,11 @@ def choose_strategy(cfg: RunConfig) -> tf.distribute.Strategy:
     Each copies the next batches to the GPU(s) while the current one trains: the
     prefetch to the device that keeps a GPU fed (under the default strategy each batch
     is copied only when its step asks for it). Without a GPU, the default strategy.
+
+    It turns on op determinism first when cfg.deterministic (set_determinism): the
+    training loop calls it before any data or model exists.
     """
+    set_determinism(cfg)
     mode = cfg.distribute_mode()
     if multiworker.wanted_cluster(mode) is not None:
         return multiworker.make_strategy()  # before gpu_devices: it must come first
@@ -70,3 +76,50 @@ def set_precision(cfg: RunConfig) -> str:
     policy = "float32" if dtype == "float32" else f"mixed_{dtype}"
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+# What --deterministic costs, said once when it is on.
+DETERMINISM_COST = (
+    "deterministic: TensorFlow op determinism is on and the input pipelines keep their "
+    "order: the same machine gives the same figures twice. It costs speed (on a GPU often "
+    "10-50%: cuDNN's fastest algorithms are not deterministic and are not used), and an op "
+    "without a deterministic kernel stops the run with an UnimplementedError."
+)
+
+
+def set_determinism(cfg: RunConfig) -> None:
+    """Turn on op determinism and ordered input pipelines when cfg.deterministic.
+
+    Call it before any data or model is built. keras.utils.set_random_seed (which the
+    training loop calls) seeds every random op, which op determinism requires; tf.data's
+    parallel maps and the streamed reads then deliver in order, since op determinism
+    makes every dataset deterministic whatever its options say.
+    """
+    if not getattr(cfg, "deterministic", False):
+        return
+    tf.config.experimental.enable_op_determinism()
+    print(f"note: {DETERMINISM_COST}")
+
+
+def nondeterminism_tags(cfg: RunConfig, pipeline: str) -> dict[str, str]:
+    """The run's `determinism.*` tags: whether it asked for determinism, and the sources of
+    run-to-run differences that were in play without it (`make reproduce` names them).
+
+    Args:
+        pipeline: the data pipeline, "memory" or "stream" (the run's data_pipeline param).
+    """
+    deterministic = bool(getattr(cfg, "deterministic", False))
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    in_play = []
+    if not deterministic:
+        if gpus:
+            in_play.append(f"GPU kernels ({gpus} GPU(s): cuDNN picks algorithms by speed)")
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+        in_play.append(f"thread counts ({threads} intra-op threads: sums in another order)")
+        if pipeline == "stream":
+            in_play.append("parallel decode order (batches read in parallel from the cache)")
+    return {
+        "determinism": "on" if deterministic else "off",
+        "determinism.gpus": str(gpus),
+        "determinism.in_play": "; ".join(in_play) or "none",
+    }

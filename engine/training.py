@@ -33,6 +33,7 @@ from engine.config import RunConfig
 from engine.data_contract import LoadData, check_data
 from engine.devices import choose_strategy, set_precision
 from engine.images import DataInfo
+from engine.run_record import log_run_record
 from engine.scoring import log_evaluation, log_test
 
 
@@ -257,6 +258,7 @@ def log_setup(setup: RunSetup, run_id: str, folder: Path, tags: dict[str, str] |
     mlflow.log_text("\n".join(lines), "model_summary.txt")
     if not cfg.resume_run_id:
         tracking.log_dataset(info.lineage)
+        log_run_record(cfg, info)  # the files and determinism `make reproduce` checks
 
 
 def fit(
