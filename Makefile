@@ -173,6 +173,13 @@ tf-serving: $(VENV)/.installed ## write MODEL as a TF Serving SavedModel: ARGS="
 reap-runs: $(VENV)/.installed ## mark runs whose process died as FAILED (ARGS="--stale-minutes 60")
 	$(BIN)/python lifecycle.py reap-runs $(ARGS)
 
+# RUN=<run id> reproduces that run instead of MODEL's. A run made in the image is trained
+# again in the image rebuilt from its commit (set MLFLOW_TRACKING_URI, as for make run).
+RUN ?=
+.PHONY: reproduce
+reproduce: $(VENV)/.installed ## train MODEL's run again from its record (commit, params, data) and say if the figures come back (RUN=id; ARGS="--tolerance 0.01")
+	$(BIN)/python lifecycle.py reproduce $(if $(RUN),--run "$(RUN)",--model "$(MODEL)") $(ARGS)
+
 # stack_secrets.py needs only the standard library, so these two run with the host's
 # python3 ($(PYTHON)): a Docker host needs no .venv. stack-up checks before Docker runs.
 stack-secrets: ## write tracking_server/.env with fresh random secrets (mode 0600; keeps an existing one)

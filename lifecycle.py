@@ -45,6 +45,7 @@ VALIDATE_OPTIONS = (
     "experiment_name",
     "model_name",
     "promote",
+    "require_reproduced",
 )
 METRICS = ["accuracy", "auc", "loss", "precision", "recall", "f1"]
 
@@ -78,6 +79,8 @@ COMMANDS = {
         ("--experiment-name", dict(default="model-validation", help="experiment of the run")),
         ("--promote", dict(type=parse_bool, default=True, metavar="BOOL",
                            help="false: report the decision but leave the alias alone")),
+        ("--require-reproduced", dict(action="store_true",
+                                      help="refuse a version `make reproduce` did not reproduce")),
     ]),
     "predict": ("classify images; write a CSV", [*_model_flags("champion"),
         ("--input", dict(nargs="+", required=True, metavar="PATH",

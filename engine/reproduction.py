@@ -82,6 +82,7 @@ class Host:
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI or the project's local store; its server must answer."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one download
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
     check_tracking_uri(uri, 5.0)
     mlflow.set_tracking_uri(uri)

@@ -12,7 +12,8 @@ system/...). The verdict:
     no            a larger difference, or a figure the reproduction did not log
 
 It goes into the new run (`reproduction.json`, `reproduction_curves.png`, tags) and
-onto the source's model version: `reproduced`, `reproduced_by`, `reproduced_max_diff`.
+onto the source's model version: `reproduced`, `reproduced_by`, `reproduced_max_diff`,
+which `validate --require-reproduced` reads (check_reproduced).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+
+from engine.config import UserError
 
 # Figures that measure the machine, not the model: never compared.
 UNCOMPARED = ("epoch_seconds", "images_per_second")
@@ -208,3 +211,30 @@ def judge(
         for key, value in tags.items():
             client.set_model_version_tag(source.model_name, source.model_version, key, value)
     return verdict
+
+
+def reproduced_problem(tags: dict[str, str], name: str, version: str) -> str:
+    """Why a version's `reproduced` tag forbids promoting it, or "" when it was reproduced
+    exactly or within the tolerance."""
+    verdict = tags.get("reproduced", "")
+    if verdict == "exact" or verdict.startswith("within"):
+        return ""
+    what = f"{name} version {version}"
+    fix = f"run `make reproduce MODEL=models:/{name}/{version}` first"
+    if not verdict:
+        return f"--require-reproduced: {what} was never reproduced (no `reproduced` tag): {fix}"
+    return (
+        f"--require-reproduced: {what} did not reproduce (reproduced={verdict}, largest "
+        f"difference {tags.get('reproduced_max_diff', 'unrecorded')}, reproduction run "
+        f"{tags.get('reproduced_by', 'unrecorded')}): nothing was evaluated or promoted. "
+        f"Find why (reproduction.json in that run), train a version that reproduces, then {fix}"
+    )
+
+
+def check_reproduced(name: str, version: str) -> None:
+    """Raise UserError, before any evaluation, unless the version reproduced
+    (`validate --require-reproduced`)."""
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
+    problem = reproduced_problem(tags, name, version)
+    if problem:
+        raise UserError(problem)

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from engine import evaluation, tracking
+from engine import evaluation, reproduction_verdict, tracking
 from engine.config import UserError
 from engine.network import class_probabilities
 from engine.registry import (
@@ -252,6 +252,7 @@ def validate(
     experiment_name: str = "model-validation",
     model_name: str = DEFAULT_MODEL_NAME,
     promote: bool = True,
+    require_reproduced: bool = False,
 ) -> ValidationResult:
     """Evaluate a registered version and the current champion on the same held-out data.
 
@@ -274,10 +275,13 @@ def validate(
         experiment_name: where the validation run goes.
         model_name: the registered model a bare alias or version refers to.
         promote: False only reports what it would decide.
+        require_reproduced: refuse a candidate that `make reproduce` did not reproduce.
     """
     policy = Policy(split, metric, champion_alias, min_delta, experiment_name)
     tracking.configure_tracking()
     candidate_ref, champion_ref = _candidate_and_champion(model, model_name, champion_alias)
+    if require_reproduced:
+        reproduction_verdict.check_reproduced(candidate_ref.name, candidate_ref.version)
     data_cache: dict = {}
     candidate = evaluate(candidate_ref, data_cfg, load_data, split, data_cache)
     if metric not in candidate.metrics:
