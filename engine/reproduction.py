@@ -207,6 +207,13 @@ def check_data(client: mlflow.MlflowClient, source: Source, allow_change: bool) 
     except (MlflowException, OSError):
         source.notes.append("data: the run recorded no file list; its data is not checked")
         return {"checked": False, "digest": digest}
+    folder = record.get("source", "")
+    if source.in_image and folder and not Path(folder).exists():
+        source.notes.append(
+            f"data: the run's files were in its container ({folder} is not on this host), so "
+            "the data is checked after training, by the two runs' dataset digests"
+        )
+        return {"checked": False, "digest": digest}
     check = run_record.data_changes(record, digest or record.get("digest", ""))
     answer = {"checked": True, "digest": check.recorded_digest, "digest_now": check.digest_now}
     if check.same:
@@ -315,4 +322,6 @@ def reproduce(args: argparse.Namespace, host: Host) -> reproduction_verdict.Verd
     context = {"data": data, "notes": source.notes, "seconds": time.monotonic() - started}
     found = reproduction_verdict.judge(client, source, new_run, args.tolerance, context)
     print(found.line())
+    for note in found.context["environment"]:
+        print(f"note: {note}")
     return found

@@ -144,7 +144,19 @@ def environment_notes(source_run: Any, new_run: Any) -> list[str]:
         before, after = source_run.data.tags.get(tag), new_run.data.tags.get(tag)
         if before != after:
             notes.append(f"{what}: {before or 'none'} then, {after or 'none'} now")
+    before, after = dataset_digest(source_run), dataset_digest(new_run)
+    if before != after:
+        notes.append(
+            f"dataset digest: {before or 'none'} then, {after or 'none'} now (it covers file "
+            "times too: demo images made again in a container differ by those alone)"
+        )
     return notes
+
+
+def dataset_digest(run: Any) -> str:
+    """The digest of a run's MLflow dataset ("" when it logged none)."""
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    return inputs[0].dataset.digest if inputs else ""
 
 
 def plot_curves(source: dict, reproduction: dict, path: Path) -> None:
