@@ -299,6 +299,7 @@ def reproduce(args: argparse.Namespace, host: Host) -> reproduction_verdict.Verd
     data = check_data(client, source, args.allow_data_change)
     started = time.monotonic()
     folder = Path(tempfile.mkdtemp(prefix="reproduce-"))
+    new_run, status = "", 1  # until the training says otherwise: an exception leaves it FAILED
     try:
         host.checkout(args.git_url or str(PROJECT_DIR), commit, folder / "project")
         params = training_params(source, folder / "project", args.override)
@@ -314,9 +315,10 @@ def reproduce(args: argparse.Namespace, host: Host) -> reproduction_verdict.Verd
         else:
             status = train_locally(folder / "project", params, new_run, experiment_id)
     finally:
+        if new_run and status != 0:
+            client.set_terminated(new_run, "FAILED")
         shutil.rmtree(folder, ignore_errors=True)
     if status != 0:
-        client.set_terminated(new_run, "FAILED")
         raise UserError(f"the reproduction run {new_run} failed (exit {status}); see its output")
     client.update_run(new_run, name=tags["mlflow.runName"])
     context = {"data": data, "notes": source.notes, "seconds": time.monotonic() - started}
