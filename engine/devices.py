@@ -115,7 +115,10 @@ def nondeterminism_tags(cfg: RunConfig, pipeline: str) -> dict[str, str]:
         if gpus:
             in_play.append(f"GPU kernels ({gpus} GPU(s): cuDNN picks algorithms by speed)")
         threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-        in_play.append(f"thread counts ({threads} intra-op threads: sums in another order)")
+        in_play.append(
+            f"thread counts ({threads} intra-op threads: a sum split over threads may add "
+            "in another order)"
+        )
         if pipeline == "stream":
             in_play.append("parallel decode order (batches read in parallel from the cache)")
     return {
