@@ -101,6 +101,14 @@ def set_determinism(cfg: RunConfig) -> None:
     print(f"note: {DETERMINISM_COST}")
 
 
+def intra_op_threads() -> int:
+    """The threads one op may split its work over: as set (tf.config.threading or
+    TF_NUM_INTRAOP_THREADS), else the CPUs this process may run on, as TensorFlow counts."""
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    setting = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
+    return configured or (int(setting) if setting.isdigit() else len(os.sched_getaffinity(0)))
+
+
 def nondeterminism_tags(cfg: RunConfig, pipeline: str) -> dict[str, str]:
     """The run's `determinism.*` tags: whether it asked for determinism, and the sources of
     run-to-run differences that were in play without it (`make reproduce` names them).
@@ -110,11 +118,11 @@ def nondeterminism_tags(cfg: RunConfig, pipeline: str) -> dict[str, str]:
     """
     deterministic = bool(getattr(cfg, "deterministic", False))
     gpus = len(tf.config.list_physical_devices("GPU"))
+    threads = intra_op_threads()
     in_play = []
     if not deterministic:
         if gpus:
             in_play.append(f"GPU kernels ({gpus} GPU(s): cuDNN picks algorithms by speed)")
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
         in_play.append(
             f"thread counts ({threads} intra-op threads: a sum split over threads may add "
             "in another order)"
@@ -124,5 +132,7 @@ def nondeterminism_tags(cfg: RunConfig, pipeline: str) -> dict[str, str]:
     return {
         "determinism": "on" if deterministic else "off",
         "determinism.gpus": str(gpus),
+        # the float sums' order follows it: `make reproduce` trains with the same count
+        "determinism.intra_op_threads": str(threads),
         "determinism.in_play": "; ".join(in_play) or "none",
     }

@@ -264,8 +264,11 @@ def training_params(source: Source, project_dir: Path, overrides: list[str]) -> 
     return params
 
 
-def train_locally(project_dir: Path, params: dict[str, str], run_id: str, experiment_id: str):
-    """Run the checked-out train.py in a subprocess into run_id. Returns its exit status."""
+def train_locally(
+    project_dir: Path, params: dict[str, str], run_id: str, experiment_id: str, threads: str = ""
+) -> int:
+    """Run the checked-out train.py in a subprocess into run_id, with the source run's
+    intra-op thread count (`threads`, when it recorded one). Returns its exit status."""
     flags = [item for name, value in params.items() for item in (f"--{name}", value)]
     env = {
         **os.environ,
@@ -273,6 +276,8 @@ def train_locally(project_dir: Path, params: dict[str, str], run_id: str, experi
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_EXPERIMENT_ID": experiment_id,
     }
+    if threads and "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        env["TF_NUM_INTRAOP_THREADS"] = threads  # the source's sums, in the source's order
     print(f"training: {shlex.join(['python', 'train.py', *flags])} (in {project_dir})")
     return subprocess.run([sys.executable, "train.py", *flags], cwd=project_dir, env=env).returncode
 
@@ -313,7 +318,8 @@ def reproduce(args: argparse.Namespace, host: Host) -> reproduction_verdict.Verd
             url, image = args.git_url or str(PROJECT_DIR), source.tags["code.image"]
             status = host.run_in_image(url, commit, params, new_run, experiment_id, image)
         else:
-            status = train_locally(folder / "project", params, new_run, experiment_id)
+            threads = source.tags.get("determinism.intra_op_threads", "")
+            status = train_locally(folder / "project", params, new_run, experiment_id, threads)
     finally:
         if new_run and status != 0:
             client.set_terminated(new_run, "FAILED")

@@ -64,7 +64,7 @@ class Verdict:
     figures: int
     largest: Difference | None
     over_tolerance: list[Difference] = field(default_factory=list)
-    in_play: str = ""  # non-deterministic parts when the source did not ask for determinism
+    in_play: str = ""  # non-deterministic parts, when the source did not ask for determinism
     context: dict = field(default_factory=dict)
 
     def line(self) -> str:
@@ -74,8 +74,8 @@ class Verdict:
         if self.largest is not None and self.largest.difference > 0:
             text += f"; largest difference {self.largest.describe()}"
         text += ")"
-        if self.in_play and self.verdict != "exact":
-            text += f"; without --deterministic, in play: {self.in_play}"
+        if self.in_play:  # said on `exact` too: the next machine may not be as kind
+            text += f"; the run was not --deterministic, in play: {self.in_play}"
         return text
 
 

@@ -94,6 +94,7 @@ def test_a_deterministic_run_comes_back_exact(runs):
         Path(client.download_artifacts(new.info.run_id, "reproduction.json")).read_text()
     )
     assert record["verdict"] == "exact" and record["figures"] > 20
+    assert record["context"]["data"]["checked"] and record["in_play"] == ""  # deterministic
     assert {"val_accuracy", "test_accuracy", "loss"} <= {d["metric"] for d in record["differences"]}
     artifacts = {a.path for a in client.list_artifacts(new.info.run_id)}
     assert "reproduction_curves.png" in artifacts
@@ -112,6 +113,23 @@ def test_a_forced_learning_rate_is_reported_no_with_the_largest_difference(runs)
     assert tags["reproduced"] == "no" and verdict.largest.metric in tags["reproduced_max_diff"]
     with pytest.raises(UserError, match="make reproduce MODEL=models:/tiny/1"):
         reproduction_verdict.check_reproduced("tiny", "1")
+
+
+@pytest.mark.slow
+def test_fewer_cpus_still_come_back_exact_with_the_recorded_thread_count(runs):
+    """The float sums split over as many threads as the source's: on this machine with
+    one CPU left, the reproduction still runs the source's count of threads."""
+    cpus = os.sched_getaffinity(0)
+    recorded = mlflow.get_run(runs["clean"]).data.tags["determinism.intra_op_threads"]
+    assert recorded == str(len(cpus))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: no fewer to run on")
+    os.sched_setaffinity(0, {min(cpus)})  # the training subprocess inherits it
+    try:
+        verdict = reproduce(runs["repo"], "--run", runs["clean"])
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert verdict.verdict == "exact", verdict.line()
 
 
 @pytest.mark.slow
