@@ -72,8 +72,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     repo = copy_of_this_code(root / "repo")
     with module_store(f"sqlite:///{root / 'mlflow.db'}"):
-        clean = train_in(repo, root / "data-clean", "--deterministic", "true",
-                         "--registered-model-name", "tiny")  # fmt: skip
+        deterministic = ["--deterministic", "true", "--registered-model-name", "tiny"]
+        clean = train_in(repo, root / "data-clean", *deterministic)
         with (repo / "train.py").open("a") as edited:
             edited.write("# an edit never committed\n")
         dirty = train_in(repo, root / "data-dirty", "--registered-model-name", "")
