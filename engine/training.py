@@ -31,6 +31,7 @@ from engine.balance import class_weights, describe_counts, init_output_bias, war
 from engine.common import PROJECT_DIR
 from engine.config import RunConfig
 from engine.data_contract import LoadData, check_data
+from engine.datacheck_log import before_run, log_check
 from engine.devices import choose_strategy, set_precision
 from engine.images import DataInfo
 from engine.scoring import log_evaluation, log_test
@@ -94,6 +95,7 @@ def run_training(
         UserError: a bad parameter, data, network or tracking server, before any run.
     """
     setup = prepare(cfg, load_data, define_network)
+    before_run(setup.info.data_check, setup.cfg)  # --data-check strict stops before a run
     cfg, state = setup.cfg, setup.state
     best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
     run_id = ""
@@ -257,6 +259,7 @@ def log_setup(setup: RunSetup, run_id: str, folder: Path, tags: dict[str, str] |
     mlflow.log_text("\n".join(lines), "model_summary.txt")
     if not cfg.resume_run_id:
         tracking.log_dataset(info.lineage)
+        log_check(info.data_check)
 
 
 def fit(
