@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import train
 from engine import sources as src
 from engine.config import UserError
 from engine.datacheck_log import before_run
@@ -232,3 +233,19 @@ def test_a_tiny_run_records_the_check(planted, tracking_store, capsys):
         report = json.load(f)
     keys = {"groups_across_splits", "label_conflicts", "near_duplicate_groups"}
     assert keys | {"likely_label_errors", "class_balance", "uniform_images"} <= set(report)
+
+
+def test_tune_trials_share_one_split_and_read_the_check_from_the_cache(planted, capsys):
+    """Each `make tune` trial is a run_training run that loads the data again: with the
+    cache warm its check fingerprints nothing, and every trial trains on the same split."""
+    tables = []
+    for learning_rate, dropout in ((1e-3, 0.0), (3e-3, 0.4)):
+        cfg = tiny_config(
+            data_source="imagedir",
+            data_dir=str(planted),
+            learning_rate=learning_rate,
+            dropout=dropout,
+        )
+        tables.append(train.load_data(cfg)[2].lineage["table"])
+    assert "data check: 0 images fingerprinted" in capsys.readouterr().out
+    assert tables[0] == tables[1]
