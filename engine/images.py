@@ -144,23 +144,25 @@ def files_pipeline(
     keys = [image_cache.file_key(p) for p in paths]  # path, size, mtime: stat once
     held = load_source(keys, FileDecoder(paths, cfg), cfg)
     skipped = [paths[i] for i in sorted(held.failures)]
-    if skipped:
-        report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})
     readable = np.flatnonzero(held.ok())
     labels_arr = np.array(labels, dtype=np.int32)[readable]
-    require_classes(labels_arr, class_names)
     kept_splits = None if splits is None else [splits[i] for i in readable]
     kept_keys, kept_paths = [keys[i] for i in readable], [paths[i] for i in readable]
-    parts, check = split_checked(
-        kept_keys,
-        kept_paths,
-        labels_arr,
-        class_names,
-        cfg,
-        lambda at: held.read(readable[at], image_shape(cfg)),
-        kept_splits,
-        None if groups is None else [groups[i] for i in readable],
-    )
+    try:
+        require_classes(labels_arr, class_names)
+        parts, check = split_checked(
+            kept_keys,
+            kept_paths,
+            labels_arr,
+            class_names,
+            cfg,
+            lambda at: held.read(readable[at], image_shape(cfg)),
+            kept_splits,
+            None if groups is None else [groups[i] for i in readable],
+        )
+    finally:  # after the check's line, so a warm run's report reads as a cold one's
+        if skipped:
+            report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})
     all_labels = np.zeros(len(paths), np.int32)
     all_labels[readable] = labels_arr
 
