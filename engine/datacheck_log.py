@@ -16,23 +16,26 @@ import numpy as np
 from engine.config import RunConfig, UserError
 from engine.datacheck import DataCheck
 from engine.evaluation import _pyplot
+from engine.images import DataInfo
 
 SHOWN = 10  # files named in strict's refusal
 
 
-def before_run(check: DataCheck | None, cfg: RunConfig) -> None:
+def before_run(info: DataInfo, cfg: RunConfig) -> None:
     """Print the check's line (warn), or refuse to train on what strict forbids.
 
     Raises:
         UserError: --data-check strict, while label conflicts or duplicates across the
             source's splits remain; it names the files.
     """
+    check = info.data_check
     if cfg.data_check == "off":
         return
     if check is None:
         print(
-            "data check: skipped (load_data built its own pipelines; the check runs in "
-            "engine.images.files_pipeline and arrays_pipeline)"
+            f"data check: skipped for data source '{info.source or 'data'}' (its pipelines "
+            "are not made by engine.images.files_pipeline or arrays_pipeline, where the "
+            "check runs)"
         )
         return
     print(check.summary)

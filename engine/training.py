@@ -95,7 +95,7 @@ def run_training(
         UserError: a bad parameter, data, network or tracking server, before any run.
     """
     setup = prepare(cfg, load_data, define_network)
-    before_run(setup.info.data_check, setup.cfg)  # --data-check strict stops before a run
+    before_run(setup.info, setup.cfg)  # --data-check strict stops before a run
     cfg, state = setup.cfg, setup.state
     best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
     run_id = ""

@@ -9,6 +9,7 @@ JPEG, resized, brightened or renamed under another class."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -21,7 +22,7 @@ import train
 from engine import sources as src
 from engine.config import UserError
 from engine.datacheck_log import before_run
-from engine.images import arrays_pipeline, split_indices
+from engine.images import DataInfo, arrays_pipeline, split_indices
 from tests.conftest import engine_config, tiny_config, train_and_log
 
 
@@ -213,8 +214,18 @@ def test_strict_refuses_naming_the_files_before_any_run(planted, tracking_store)
 
 
 def test_a_fork_own_pipelines_skip_the_check_with_a_note(capsys):
-    before_run(None, engine_config())
-    assert "data check: skipped" in capsys.readouterr().out
+    info = DataInfo(image_shape=(8, 8, 3), class_names=["a", "b"], train_count=2, val_count=1)
+    before_run(dataclasses.replace(info, source="mine"), engine_config())
+    assert "data check: skipped for data source 'mine'" in capsys.readouterr().out
+
+
+def test_a_group_larger_than_a_split_share_is_reported(capsys):
+    labels = np.repeat([0, 1], 50)
+    groups = np.concatenate([np.full(30, "big"), np.arange(70).astype(str)])
+    split_indices(labels, engine_config(val_split=0.2, test_split=0.1), None, groups)
+    out = capsys.readouterr().out
+    assert "1 group(s) are larger than the test split's share of 10 images" in out
+    assert "'big' (30 images)" in out
 
 
 def test_a_tiny_run_records_the_check(planted, tracking_store, capsys):
