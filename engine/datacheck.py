@@ -181,9 +181,9 @@ def report(
         },
     }
     sheet = []
-    for row in worst[:6] + [[i] for i in uniform[:2].tolist()]:
+    for kind, row in worst[:6] + [("nearly uniform", [i]) for i in uniform[:2].tolist()]:
         pixels = images_at(np.asarray(row, np.int64))
-        sheet.append([(pixels[j], _caption(member(i))) for j, i in enumerate(row)])
+        sheet.append([(pixels[j], f"{kind}\n{_caption(member(i))}") for j, i in enumerate(row)])
     metrics = {
         "data_duplicate_groups": float(len(groups)),
         "data_label_conflicts": float(len(conflicts)),
@@ -193,8 +193,8 @@ def report(
 
 
 def _groups(records, cluster, labels, splits, would_be, member) -> tuple[list, list, list, list]:
-    """(duplicate groups, label conflicts, groups across splits, the worst pairs first:
-    conflicts, then groups apart, then the rest) as lists of report entries."""
+    """(duplicate groups, label conflicts, groups across splits: report entries; and
+    (what, pair) for the contact sheet, worst first: conflicts, groups apart, the rest)."""
     sizes = np.unique(cluster, return_counts=True)[1]
     members = np.split(np.argsort(cluster, kind="stable"), np.cumsum(sizes)[:-1])
     groups, conflicts, across = [], [], []
@@ -209,11 +209,11 @@ def _groups(records, cluster, labels, splits, would_be, member) -> tuple[list, l
         apart = len({s for s in splits[group] if s}) > 1
         if len(classes) > 1:
             conflicts.append({"classes": classes, "members": entry["members"]})
-            rows[0].append(_pair(group, labels))
+            rows[0].append(("label conflict", _pair(group, labels)))
         elif apart:
-            rows[1].append(group[:2].tolist())
+            rows[1].append(("duplicates across splits", group[:2].tolist()))
         else:
-            rows[2].append(group[:2].tolist())
+            rows[2].append((f"{entry['kind']} duplicates", group[:2].tolist()))
         if apart or len({s for s in would_be[group] if s}) > 1:
             across.append({"kept_together": not apart, "members": entry["members"]})
     return groups, conflicts, across, [*rows[0], *rows[1], *rows[2]]
