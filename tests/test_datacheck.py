@@ -260,3 +260,25 @@ def test_tune_trials_share_one_split_and_read_the_check_from_the_cache(planted, 
         tables.append(train.load_data(cfg)[2].lineage["table"])
     assert "data check: 0 images fingerprinted" in capsys.readouterr().out
     assert tables[0] == tables[1]
+
+
+def test_a_table_split_wins_and_its_crossing_duplicates_are_reported_and_refused(planted):
+    rows = [
+        {
+            "path": str(p),
+            "label": p.parent.name,
+            "split": "test" if p.name == "copy1.png" else "train",
+        }
+        for p in sorted(planted.glob("*/*.*"))
+    ]
+    table = write_table(planted, rows)
+    _, _, info = src.load_dataframe(table, engine_config(), "path", "label", "split")
+    check = info.data_check
+    [apart] = [g for g in check.report["groups_across_splits"] if not g["kept_together"]]
+    assert {(m["path"].split("/")[-1], m["split"]) for m in apart["members"]} == {
+        ("1.png", "train"),
+        ("copy1.png", "test"),
+    }
+    assert "(across the source's splits)" in check.summary
+    with pytest.raises(UserError, match="copy1.png \\(cats, test\\)"):
+        before_run(info, engine_config(data_check="strict"))
