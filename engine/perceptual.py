@@ -4,18 +4,18 @@ hashes of already-decoded images, and near-duplicate search that is not all-pair
 Why our own code and not imagehash: imagehash hashes one PIL image at a time (a PIL
 conversion, a resize and a scipy DCT per image, in Python: a loop of 100k calls before
 any search, and it has no search at all; not installed here, and requirements stay as
-they are). The images here are decoded already, as one uint8
-array, so the same pHash is a few matrix products over a chunk of thousands at once:
-gray -> box-resampled to 32x32 (one matmul each side) -> the 8x8 lowest DCT frequencies
-(two more) -> one bit per frequency, set when above the median of the 63 AC ones. A
-brightness shift moves only the DC term, which is left out; JPEG re-encoding, resizing
-and slight crops move the low frequencies little. pHash alone joins look-alike but
-distinct images (the demo's round cells differ in a few bits), so a candidate pair
-must also have 16x16 gray thumbnails (kept beside the hash) that correlate at
-MIN_CORRELATION. Measured on 2,000 demo cells at 64 px: re-encoded (JPEG q75), resized
-and brightened copies reach 0.998 or more, distinct cells at most 0.989, a copy cropped
-by one pixel a side 0.987 to 1 (most of them count, not all); by two pixels a side,
-copies and look-alikes can no longer be told apart this way.
+they are). The images here are decoded already, as one uint8 array, so the same pHash is
+a few matrix products over a chunk of thousands at once: gray -> box-resampled to 32x32
+(one matmul each side) -> the 8x8 lowest DCT frequencies (two more) -> one bit per
+frequency, set when above the median of the 63 AC ones. A brightness shift moves only
+the DC term, which is left out; JPEG re-encoding, resizing and slight crops move the low
+frequencies little. pHash alone joins look-alike but distinct images (the demo's round
+cells differ in a few bits), so a candidate pair must also have 16x16 gray thumbnails
+(kept beside the hash) that correlate at MIN_CORRELATION. Measured on 2,000 demo cells
+at 64 px: re-encoded (JPEG q75), resized and brightened copies reach 0.998 or more,
+distinct cells at most 0.989, a copy cropped by one pixel a side 0.987 to 1 (most of
+them count, not all); by two pixels a side, copies and look-alikes can no longer be told
+apart this way.
 
 Search: multi-index hashing. Split the 64 pHash bits into BANDS bands of 16; two hashes
 within MAX_DISTANCE <= 2 * BANDS - 1 bits of each other agree exactly, or but for one bit,
