@@ -72,6 +72,7 @@ format: $(VENV)/.installed ## reformat the code with ruff
 
 bench: $(VENV)/.installed ## measure input-pipeline throughput against a naive baseline
 	$(BIN)/python tests/bench_pipeline.py $(ARGS)
+	$(BIN)/python tests/bench_datacheck.py
 
 # CACHE_DIR=... names another cache than the default (train.py's --cache-dir).
 CACHE_DIR ?=

@@ -6,12 +6,17 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
 
     config        RunConfig (the engine's own knobs), UserError, flags made from a Config
     common        light helpers host and container share (project folder, storage, URIs)
-    images        splitting, skipped-file reports; the tf.data pipelines every source ends in
+    images        skipped-file reports; the tf.data pipelines every source ends in
+    splits        train/val/test: seeded, stratified, groups (a patient, near duplicates) whole
+    datacheck     --data-check: duplicates, label conflicts, balance, blank images; the groups
+    datacheck_log the check's line or strict's refusal before a run; its artifacts in the run
+    perceptual    image fingerprints in NumPy and near-duplicate search (multi-index hashing)
     decoding      decode and resize: the one definition training, the cache and predict share
     headers       an image file's size and EXIF orientation, read before decoding
     cache         the decoded-image cache every run shares (--cache-dir)
     cache_folder  how runs share a cache folder: its lock and its modes
     cache_store   writing to the cache: one decoding pass, shards, compaction, leftovers
+    cache_hashes  the data check's fingerprints, kept in the cache beside the images
     shards        the cache's shard files: written a piece at a time, checked, read by row
     memory        --memory-budget: what the decoded images may take; memory or stream
     pipelines     decoded images into tf.data: held in memory or streamed

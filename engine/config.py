@@ -73,6 +73,17 @@ class RunConfig:
     follow_links_out: bool = knob(
         False, "imagedir: follow links that lead out of a class folder (by default skipped)"
     )
+    group_column: str = knob(
+        "",
+        "dataframe: a column of group ids (patient, slide, video); a group's images never "
+        "straddle train/val/test ('' = none; near duplicates are always kept together)",
+    )
+    data_check: str = knob(
+        "warn",
+        "check the decoded images for exact and near duplicates, label conflicts, class "
+        "balance and blank images before training: warn (print a line, train), strict "
+        "(refuse while label conflicts or duplicates across splits remain) or off",
+    )
     class_weight: str = knob(
         "none", "none, or balanced: weight each class's loss by 1 / its share of training images"
     )
@@ -146,6 +157,8 @@ class RunConfig:
             (0 <= self.test_split < 1 and self.val_split + self.test_split < 1,
              f"test_split must be in [0, 1) and leave training data beside val_split, got "
              f"val_split {self.val_split} + test_split {self.test_split}"),
+            (self.data_check in ("warn", "strict", "off"),
+             f"data_check must be warn, strict or off, got '{self.data_check}'"),
             (self.class_weight in ("none", "balanced"),
              f"class_weight must be none or balanced, got '{self.class_weight}'"),
             (self.training_samples >= 0 and self.validation_samples >= 0,

@@ -124,7 +124,8 @@ def load_dataframe(
     Relative paths are taken relative to the table's folder. JSON is a list of
     records, [{"path": "...", "label": "..."}, ...], or {column: [values]}. When the
     table has a column named split_column (train, val/validation or test per row),
-    its split is used instead of drawing one.
+    its split is used instead of drawing one. With cfg.group_column, rows of one group
+    (e.g. one patient) land in one split.
     """
     table = require_path(table_text, "a .csv or .json table of image paths and labels")
     rows = read_table(table)
@@ -136,12 +137,26 @@ def load_dataframe(
             f"{table}: {len(missing)} row(s) have no label in column '{label_column}' (e.g. "
             f"line {missing[0]}). Fill in their labels or remove those rows."
         )
+    groups = table_groups(table, rows, cfg.group_column) if cfg.group_column else None
     paths = table_paths(table, raw_paths)
     labels, class_names = label_index(raw_labels)
     splits = None
     if split_column and split_column in rows[0]:
         splits = table_splits(table, [row[split_column] for row in rows], split_column)
-    return files_pipeline(paths, labels, class_names, cfg, "dataframe", splits)
+    return files_pipeline(paths, labels, class_names, cfg, "dataframe", splits, groups)
+
+
+def table_groups(table: Path, rows: list[dict], column: str) -> list[str]:
+    """The --group-column's values; UserError when the column is absent or a cell empty."""
+    values = table_column(table, rows, column, "--group-column")
+    empty = [i + 2 for i, value in enumerate(values) if str(value or "").strip() == ""]
+    if empty:
+        raise UserError(
+            f"{table}: {len(empty)} row(s) have no group in column '{column}' (e.g. line "
+            f"{empty[0]}). Give every row a group id (e.g. the patient or slide), or run "
+            "without --group-column."
+        )
+    return [str(value).strip() for value in values]
 
 
 def table_splits(table: Path, values: list, column: str) -> list[str]:

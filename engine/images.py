@@ -22,6 +22,7 @@ import tensorflow as tf
 from engine import cache as image_cache
 from engine.common import IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from engine.config import RunConfig, UserError
+from engine.datacheck import DataCheck, split_checked
 
 # decode_image, resize_image and memory_pipeline stay importable from here, where forks
 # found them
@@ -33,6 +34,14 @@ from engine.pipelines import (  # noqa: F401
     load_source,
     memory_pipeline,
     plan_images,
+)
+from engine.splits import (  # noqa: F401 (split_indices, SPLITS... were found here)
+    SPLIT_ALIASES,
+    SPLITS,
+    _cap,
+    class_counts,
+    split_indices,
+    split_names,
 )
 
 
@@ -61,6 +70,9 @@ class DataInfo:
     # how the run holds its images, for its params: data_pipeline (memory or stream),
     # memory_budget_bytes, decoded_bytes (engine.memory.Plan); empty for a fork's own
     pipeline_params: dict = field(default_factory=dict, compare=False)
+    # the data check's findings (engine.datacheck); None: --data-check off, or a fork's
+    # own pipelines
+    data_check: DataCheck | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -69,10 +81,6 @@ class DataInfo:
 
 def image_shape(cfg: RunConfig) -> tuple[int, int, int]:
     return (cfg.image_size, cfg.image_size, cfg.channels)
-
-
-def _cap(count: int, limit: int) -> int:
-    return min(count, limit) if limit else count
 
 
 def report_skipped(
@@ -114,90 +122,6 @@ def require_classes(labels, class_names: list[str]) -> None:
         )
 
 
-SPLITS = ("train", "val", "test")
-# names a table's split column may use for each split
-SPLIT_ALIASES = {
-    alias: split
-    for split, aliases in {
-        "train": ("train", "training"),
-        "val": ("val", "valid", "validation", "dev"),
-        "test": ("test", "testing"),
-    }.items()
-    for alias in aliases
-}
-
-
-def _stratified(
-    indices: np.ndarray, labels: np.ndarray, rng: np.random.Generator, val: float, test: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """indices -> (train, val, test), each class split in the same proportions."""
-    parts: tuple[list, list, list] = ([], [], [])
-    for k in np.unique(labels[indices]):
-        members = rng.permutation(indices[labels[indices] == k])
-        n = len(members)
-        n_test = min(round(n * test), max(n - 2, 0))  # every class keeps a training image
-        n_val = min(round(n * val), n - n_test - 1)
-        parts[2].append(members[:n_test])
-        parts[1].append(members[n_test : n_test + n_val])
-        parts[0].append(members[n_test + n_val :])
-    train, val_idx, test_idx = (np.concatenate(p).astype(np.int64) for p in parts)
-    if not len(val_idx) and len(train) > 1:  # tiny data: one validation image at least
-        largest = np.bincount(labels[train]).argmax()
-        pick = np.flatnonzero(labels[train] == largest)[0]
-        val_idx, train = train[pick : pick + 1], np.delete(train, pick)
-    return train, val_idx, test_idx
-
-
-def split_indices(
-    labels, cfg: RunConfig, assigned: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A seeded split into (train, val, test) index arrays, stratified by class.
-
-    The same labels and seed always give the same split. Each split is shuffled;
-    train and val are capped by cfg.training_samples / cfg.validation_samples.
-
-    Args:
-        labels: the class index of every example.
-        cfg: val_split, test_split, seed and the caps.
-        assigned: the split the source already gives each example (train, val or test;
-            see SPLIT_ALIASES). Examples it marks test or val stay there; when it marks
-            none val, val is split from its train examples by cfg.val_split.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.default_rng(cfg.seed)
-    everything = np.arange(len(labels))
-    if assigned is None:
-        train, val, test = _stratified(everything, labels, rng, cfg.val_split, cfg.test_split)
-    else:
-        marks = np.asarray(assigned)
-        train, val, test = (everything[marks == name] for name in SPLITS)
-        if not len(val):
-            train, val, _ = _stratified(train, labels, rng, cfg.val_split, 0.0)
-    train, val, test = (rng.permutation(part) for part in (train, val, test))
-    return (
-        train[: _cap(len(train), cfg.training_samples)],
-        val[: _cap(len(val), cfg.validation_samples)],
-        test,
-    )
-
-
-def class_counts(labels, splits: tuple[np.ndarray, ...], num_classes: int) -> dict[str, list[int]]:
-    """Images per class in each split, as DataInfo.class_counts."""
-    labels = np.asarray(labels, dtype=np.int64)
-    return {
-        name: np.bincount(labels[idx], minlength=num_classes).tolist()
-        for name, idx in zip(SPLITS, splits, strict=True)
-    }
-
-
-def _split_names(count: int, splits: tuple[np.ndarray, ...]) -> list[str]:
-    """The split of each of `count` examples ("" for one left out by a cap)."""
-    names = np.full(count, "", dtype=object)
-    for name, idx in zip(SPLITS, splits, strict=True):
-        names[idx] = name
-    return names.tolist()
-
-
 def files_pipeline(
     paths: list[str],
     labels: list[int],
@@ -205,6 +129,7 @@ def files_pipeline(
     cfg: RunConfig,
     source: str = "",
     splits: list[str] | None = None,
+    groups: list | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Image files and their label indices -> (train_ds, val_ds, info).
 
@@ -212,47 +137,63 @@ def files_pipeline(
     non-image files are skipped and reported with the reason (on the console, and in
     the run's `skipped_files` param); the run stops only when a class is left empty.
     `splits` gives each file's split where the source names one (see split_indices);
-    otherwise train, val and test are drawn by cfg.val_split and cfg.test_split.
-    The test split is info.test_ds.
+    otherwise train, val and test are drawn by cfg.val_split and cfg.test_split,
+    keeping each file's group (`groups`, e.g. a patient id) and its near duplicates
+    (engine.datacheck) in one split. The test split is info.test_ds.
     """
     keys = [image_cache.file_key(p) for p in paths]  # path, size, mtime: stat once
     held = load_source(keys, FileDecoder(paths, cfg), cfg)
     skipped = [paths[i] for i in sorted(held.failures)]
-    if skipped:
-        report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})
     readable = np.flatnonzero(held.ok())
     labels_arr = np.array(labels, dtype=np.int32)[readable]
-    require_classes(labels_arr, class_names)
     kept_splits = None if splits is None else [splits[i] for i in readable]
-    parts = split_indices(labels_arr, cfg, kept_splits)
+    kept_keys, kept_paths = [keys[i] for i in readable], [paths[i] for i in readable]
+    try:
+        require_classes(labels_arr, class_names)
+        parts, check = split_checked(
+            kept_keys,
+            kept_paths,
+            labels_arr,
+            class_names,
+            cfg,
+            lambda at: held.read(readable[at], image_shape(cfg)),
+            kept_splits,
+            None if groups is None else [groups[i] for i in readable],
+        )
+    finally:  # after the check's line, so a warm run's report reads as a cold one's
+        if skipped:
+            report_skipped(skipped, reasons={paths[i]: why for i, why in held.failures.items()})
     all_labels = np.zeros(len(paths), np.int32)
     all_labels[readable] = labels_arr
 
     def pipeline(idx: np.ndarray, training: bool) -> tf.data.Dataset:
         return held.pipeline(readable[idx], all_labels, cfg, training)
 
-    kept_paths = [paths[i] for i in readable]
-    table = {
-        "path": kept_paths,
-        "label": [class_names[i] for i in labels_arr],
-        "split": _split_names(len(kept_paths), parts),
-    }
+    labels_named = [class_names[i] for i in labels_arr]
+    lineage = file_lineage(kept_keys, kept_paths, labels_named, parts, source)
+    return _pipelines(
+        pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage, held, check
+    )
+
+
+def file_lineage(keys: list[str], paths: list[str], labels: list[str], parts, source: str) -> dict:
+    """The dataset record of image files: a table (path, label, split) and its digest."""
+    table = {"path": paths, "label": labels, "split": split_names(len(paths), parts)}
     # the digest covers each file's key, so an edited image changes it
-    rows = zip([keys[i] for i in readable], table["label"], table["split"], strict=True)
+    rows = zip(keys, table["label"], table["split"], strict=True)
     # the common folder of the lexically first and last paths is every path's
-    folder = os.path.commonpath([min(kept_paths), max(kept_paths)])
-    lineage = {
+    folder = os.path.commonpath([min(paths), max(paths)])
+    return {
         "name": source or "images",
         "source": folder,
         "table": table,
         "digest": text_digest("\t".join(row) + "\n" for row in rows),
     }
-    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage, held)
 
 
-def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, lineage, held):
-    """(train_ds, val_ds, info) from a pipeline(indices, training) function, a split and
-    the Source that holds the images."""
+def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, lineage, held, check):
+    """(train_ds, val_ds, info) from a pipeline(indices, training) function, a split, the
+    Source that holds the images and the data check."""
     train, val, test = parts
     info = DataInfo(
         image_shape=image_shape(cfg),
@@ -266,6 +207,7 @@ def _pipelines(pipeline, parts, labels, class_names, cfg, source, skipped, linea
         test_ds=pipeline(test, False) if len(test) else None,
         lineage=lineage,
         pipeline_params=held.plan.params(),
+        data_check=check,
     )
     return pipeline(train, True), pipeline(val, False), info
 
@@ -288,9 +230,14 @@ def arrays_pipeline(
     """
     labels_arr = np.asarray(labels, dtype=np.int32)
     require_classes(labels_arr, class_names)
-    parts = split_indices(labels_arr, cfg, splits)
-    used = np.concatenate(parts)  # resize only what the caps keep
     digest = array_digest(images, labels)
+    # the check hashes the arrays as they are (any size), keyed by their digest
+    keys = [f"arrays:{digest}:{i}" for i in range(len(labels_arr))]
+    names = [f"{source or 'arrays'}[{i}]" for i in range(len(labels_arr))]
+    parts, check = split_checked(
+        keys, names, labels_arr, class_names, cfg, lambda at: np.asarray(images[at]), splits
+    )
+    used = np.concatenate(parts)  # resize only what the caps keep
     plan = plan_images(cfg, len(used))
     if plan.pipeline == "memory":
         resized = resize_images(np.asarray(images)[used], cfg.image_size, cfg.channels)
@@ -301,7 +248,7 @@ def arrays_pipeline(
             resized = resize_images(np.asarray(images)[used[indices]], cfg.image_size, cfg.channels)
             return image_cache.Decoded(resized, np.full(len(indices), -1, np.int64))
 
-        held = load_source([f"arrays:{digest}:{i}" for i in used], decode, cfg, plan)
+        held = load_source([keys[i] for i in used], decode, cfg, plan)
     row = np.zeros(len(labels_arr), np.int64)  # example index -> its row in `used`
     row[used] = np.arange(len(used))
 
@@ -309,7 +256,9 @@ def arrays_pipeline(
         return held.pipeline(row[idx], labels_arr[used], cfg, training)
 
     lineage = {"name": source or "arrays", "source": "", "digest": digest}
-    return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, [], lineage, held)
+    return _pipelines(
+        pipeline, parts, labels_arr, class_names, cfg, source, [], lineage, held, check
+    )
 
 
 def text_digest(lines) -> str:

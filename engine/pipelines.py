@@ -69,6 +69,15 @@ class Source:
         mask[list(self.failures)] = False
         return mask
 
+    def read(self, positions: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        """The decoded images of the keys at `positions` (a few thousand at a time: the data
+        check reads a streamed set a piece at a time)."""
+        if self.located is not None:
+            at = np.asarray(positions, np.int64)
+            rows = SplitRows.of(self.located, at, np.zeros(len(at), np.int32), shape)
+            return rows.read(np.arange(len(at)))[0]
+        return tf.gather(self.images, np.asarray(positions, np.int64)).numpy()
+
     def pipeline(
         self, positions: np.ndarray, labels: np.ndarray, cfg: RunConfig, training: bool
     ) -> tf.data.Dataset:

@@ -31,6 +31,7 @@ from engine.balance import class_weights, describe_counts, init_output_bias, war
 from engine.common import PROJECT_DIR
 from engine.config import RunConfig
 from engine.data_contract import LoadData, check_data
+from engine.datacheck_log import before_run, log_check
 from engine.devices import choose_strategy, set_precision
 from engine.images import DataInfo
 from engine.run_record import log_run_record
@@ -95,6 +96,7 @@ def run_training(
         UserError: a bad parameter, data, network or tracking server, before any run.
     """
     setup = prepare(cfg, load_data, define_network)
+    before_run(setup.info, setup.cfg)  # --data-check strict stops before a run
     cfg, state = setup.cfg, setup.state
     best = checkpoints.BestEpoch(cfg.monitor, cfg.early_stopping_patience, state)
     run_id = ""
@@ -259,6 +261,7 @@ def log_setup(setup: RunSetup, run_id: str, folder: Path, tags: dict[str, str] |
     if not cfg.resume_run_id:
         tracking.log_dataset(info.lineage)
         log_run_record(cfg, info)  # the files and determinism `make reproduce` checks
+        log_check(info.data_check)
 
 
 def fit(
