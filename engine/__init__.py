@@ -47,6 +47,10 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     prediction    predict to CSV, serve over REST, export for TF Serving
     client        ask a served model (standard library only)
     reaping       reap-runs: runs whose process died marked FAILED
+    run_record    what a run records for `make reproduce`: its files and its determinism
+    reproduction  make reproduce: a run trained again from its record (commit, params, data)
+    reproduction_verdict  the two runs compared figure by figure; require-reproduced
+    reproduction_flags    reproduce's flags, light for --help
 
 Importing `engine` (or any module of it) sets nothing: no environment variable,
 no log level, no signal handler. Those happen in cli.main() and tune's main().

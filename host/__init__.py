@@ -15,4 +15,5 @@ bottom; the engine never imports this package.
     tune       engine.tune's workers as containers, one GPU each (make tune-docker)
     workers    make run WORKERS=N: N containers of one run, each with its TF_CONFIG
     kube       make kube-run WORKERS=N: the Indexed Job template and its headless Service
+    reproduce  make reproduce of a run made in the image: the image rebuilt from its commit
 """
