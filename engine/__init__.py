@@ -26,6 +26,7 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     multiworker   training over several machines: TF_CONFIG, the chief, the Keras patches
     evaluation    metrics (scikit-learn) and plots
     scoring       the chosen model scored once on validation and test, logged
+    label_errors  likely label errors: confident learning (cleanlab) on out-of-sample predictions
     tracking      where runs go, per-epoch metrics, logging and registering the model
     serving       the registered model: base64 image files in, class names out
     training      run_training(cfg, load_data, define_network), phase by phase

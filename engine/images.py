@@ -245,6 +245,8 @@ def files_pipeline(
         "name": source or "images",
         "source": folder,
         "table": table,
+        # each split's table rows in its pipeline's order: engine.label_errors names files by it
+        "split_rows": dict(zip(SPLITS, (part.tolist() for part in parts), strict=True)),
         "digest": text_digest("\t".join(row) + "\n" for row in rows),
     }
     return _pipelines(pipeline, parts, labels_arr, class_names, cfg, source, skipped, lineage, held)

@@ -1,0 +1,127 @@
+"""Likely label errors: confident learning on a run's out-of-sample predictions, the
+K-fold label audit of the training split, and validate's warning about data the model
+trained on. The images are made here: dark and bright squares, so a tiny network learns
+them in a few epochs and a dark square filed as bright is surely the odd one."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from engine import label_errors
+from engine.file_sources import load_dataframe
+from tests.conftest import engine_config, tiny_config, train_and_log
+
+CLASSES = ("bright", "dark")
+
+
+def write_squares(folder, plan: list[tuple[str, str, str]], seed: int = 0) -> str:
+    """PNGs of 32x32 squares and a table.csv of path,label,split; returns the table's path.
+
+    plan: (what the image shows, its label, its split) per image.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["path,label,split"]
+    for i, (shows, label, split) in enumerate(plan):
+        level = 225 if shows == "bright" else 30
+        pixels = np.clip(level + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"{i:03d}-{shows}.png"
+        Image.fromarray(pixels).save(path)
+        rows.append(f"{path},{label},{split}")
+    table = folder / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    return str(table)
+
+
+def balanced_plan(counts: dict[str, int]) -> list[tuple[str, str, str]]:
+    """counts images of each class in each split, each labelled as it shows."""
+    return [(c, c, split) for split, n in counts.items() for c in CLASSES for _ in range(n)]
+
+
+def test_ranks_a_confidently_other_class_first():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    probs = np.array([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4 + [[0.97, 0.03]])
+    found = label_errors.Predictions(labels, probs, ["test"] * 9, [f"f{i}" for i in range(9)])
+    entries, note = label_errors.rank_label_errors(found, list(CLASSES))
+    assert note == "" and [e["path"] for e in entries] == ["f8"]
+    assert entries[0]["given_class"] == "dark" and entries[0]["suggested_class"] == "bright"
+    assert entries[0]["self_confidence"] == pytest.approx(0.03)
+    assert entries[0]["rank"] == 1 and entries[0]["split"] == "test"
+
+
+def test_too_few_images_give_none_and_a_note():
+    found = label_errors.Predictions(np.array([1]), np.array([[0.9, 0.1]]), ["val"], [None])
+    entries, note = label_errors.rank_label_errors(found, list(CLASSES))
+    assert entries == [] and "too few images" in note
+
+
+def test_split_rows_name_each_prediction_by_its_file(tmp_path):
+    """The val and test pipelines keep their split's order, and lineage's split_rows
+    names the file of each image in it: the brightness of each image is its number."""
+    folder = tmp_path / "numbered"
+    folder.mkdir()
+    rows = ["path,label"]
+    for i in range(40):
+        path = folder / f"{i:02d}.png"
+        Image.fromarray(np.full((8, 8, 3), 5 * i + 10, np.uint8)).save(path)
+        rows.append(f"{path},{CLASSES[i % 2]}")
+    (folder / "table.csv").write_text("\n".join(rows) + "\n")
+    cfg = engine_config(image_size=8, val_split=0.25, test_split=0.25, seed=3)
+    _, val_ds, info = load_dataframe(str(folder / "table.csv"), cfg, "path", "label")
+    for split, ds in (("val", val_ds), ("test", info.test_ds)):
+        pixels = np.concatenate([images.numpy()[:, 0, 0, 0] for images, _ in ds])
+        found = label_errors.split_predictions(
+            np.zeros(len(pixels)), np.zeros((len(pixels), 2)), split, info.lineage
+        )
+        numbers = [int(path.rsplit("/", 1)[1][:2]) for path in found.paths]
+        assert len(numbers) == 10 and (pixels == [5 * n + 10 for n in numbers]).all(), split
+
+
+def test_existing_data_check_keeps_its_keys(tracking_store):
+    """A data_check.json logged before (the data check's) keeps its findings."""
+    found = label_errors.Predictions(
+        np.array([0, 0, 1, 1, 1]),
+        np.array([[0.9, 0.1]] * 2 + [[0.1, 0.9]] * 2 + [[0.99, 0.01]]),
+        ["val"] * 5,
+        [f"f{i}" for i in range(5)],
+    )
+    with mlflow.start_run() as run:
+        mlflow.log_dict({"label_conflicts": [{"paths": ["a", "b"]}]}, label_errors.ARTIFACT)
+        label_errors.log_label_errors(found, list(CLASSES))
+    report = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{label_errors.ARTIFACT}")
+    assert report["label_conflicts"] == [{"paths": ["a", "b"]}]
+    assert [e["path"] for e in report["likely_label_errors"]] == ["f4"]
+    assert MlflowClient().get_run(run.info.run_id).data.metrics["data_likely_label_errors"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_ranks_a_planted_mislabel_among_its_likely_label_errors(
+    tracking_store, tmp_path, capsys
+):
+    plan = balanced_plan({"train": 32, "val": 6, "test": 6})
+    plan.append(("dark", "bright", "test"))  # a dark square filed as bright
+    table = write_squares(tmp_path / "squares", plan)
+    cfg = tiny_config(data_source="dataframe", data_dir=table, epochs=5, learning_rate=0.01)
+    result = train_and_log(cfg)
+    assert "likely label errors: " in capsys.readouterr().out
+
+    report = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/{label_errors.ARTIFACT}")
+    assert set(label_errors.KEYS) <= set(report)
+    ranked = report["likely_label_errors"]
+    top = [e["path"] for e in ranked[:3]]
+    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-dark.png")
+    assert planted in top, json.dumps(ranked, indent=1)
+    entry = ranked[top.index(planted)]
+    assert (entry["given_class"], entry["suggested_class"], entry["split"]) == (
+        "bright",
+        "dark",
+        "test",
+    )
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert metrics["data_likely_label_errors"] == len(ranked) >= 1
