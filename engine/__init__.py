@@ -40,6 +40,7 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     tune/         `make tune`: an Optuna study, its workers, its MLflow parent run
     registry      registered model references and aliases (lifecycle.py)
     validation    validate: evaluate, compare, promote (lifecycle.py validate)
+    data_overlap  validate's check that the evaluated images were not the model's training images
     prediction    predict to CSV, serve over REST, export for TF Serving
     client        ask a served model (standard library only)
     reaping       reap-runs: runs whose process died marked FAILED

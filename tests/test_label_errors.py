@@ -5,7 +5,9 @@ them in a few epochs and a dark square filed as bright is surely the odd one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -13,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from engine import label_errors
+import train
+from engine import data_overlap, label_errors, validation
 from engine.file_sources import load_dataframe
 from tests.conftest import engine_config, tiny_config, train_and_log
 
@@ -125,3 +128,38 @@ def test_a_run_ranks_a_planted_mislabel_among_its_likely_label_errors(
     )
     metrics = MlflowClient().get_run(result.run_id).data.metrics
     assert metrics["data_likely_label_errors"] == len(ranked) >= 1
+
+
+def test_evaluated_files_follow_the_split_rows():
+    lineage = {"table": {"path": ["a", "b", "c"]}, "split_rows": {"val": [2], "test": [1, 0]}}
+    assert data_overlap.evaluated_files(lineage, "test") == ["b", "a"]
+    assert data_overlap.evaluated_files(lineage, "validation") == ["c"]
+    assert data_overlap.evaluated_files(lineage, "all") == ["a", "b", "c"]
+    assert data_overlap.evaluated_files({"digest": "x"}, "test") is None
+
+
+@pytest.mark.slow
+def test_validate_warns_when_it_scores_the_models_training_images(tracking_store, tmp_path, capsys):
+    plan = [(c, c, "") for _ in range(12) for c in CLASSES]
+    table = write_squares(tmp_path / "squares", plan)
+    rows = (tmp_path / "squares" / "table.csv").read_text().replace(",\n", "\n")
+    (tmp_path / "squares" / "table.csv").write_text(rows.replace("path,label,split", "path,label"))
+    cfg = tiny_config(data_source="dataframe", data_dir=table, epochs=1, seed=0)
+    result = train_and_log(cfg)
+    model = f"models:/tiny-classifier/{result.model_version}"
+
+    same = validation.validate(model, cfg, train.load_data, promote=False)
+    assert same.overlap is not None and same.overlap.in_training == []
+    assert "training split" not in capsys.readouterr().out
+
+    redrawn = dataclasses.replace(cfg, seed=7)  # another split: its test images were trained on
+    other = validation.validate(model, redrawn, train.load_data, promote=False)
+    assert other.overlap is not None and len(other.overlap.in_training) >= 1
+    out = capsys.readouterr().out
+    assert f"{len(other.overlap.in_training)} of the {other.overlap.evaluated} evaluated" in out
+    assert "were in the model's training split" in out
+    assert os.path.basename(other.overlap.in_training[0]) in out
+    run = MlflowClient().get_run(other.run_id)
+    assert run.data.metrics["images_in_training_split"] == len(other.overlap.in_training)
+    logged = mlflow.artifacts.load_dict(f"runs:/{other.run_id}/training_overlap.json")
+    assert logged["in_training"] == other.overlap.in_training
