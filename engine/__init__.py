@@ -27,6 +27,7 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     evaluation    metrics (scikit-learn) and plots
     scoring       the chosen model scored once on validation and test, logged
     label_errors  likely label errors: confident learning (cleanlab) on out-of-sample predictions
+    label_audit   lifecycle.py label-audit: its flags (light); label_audit_run: the K-fold audit
     tracking      where runs go, per-epoch metrics, logging and registering the model
     serving       the registered model: base64 image files in, class names out
     training      run_training(cfg, load_data, define_network), phase by phase

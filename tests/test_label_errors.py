@@ -5,6 +5,7 @@ them in a few epochs and a dark square filed as bright is surely the odd one."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+import lifecycle
 import train
 from engine import data_overlap, label_errors, validation
 from engine.file_sources import load_dataframe
@@ -163,3 +165,34 @@ def test_validate_warns_when_it_scores_the_models_training_images(tracking_store
     assert run.data.metrics["images_in_training_split"] == len(other.overlap.in_training)
     logged = mlflow.artifacts.load_dict(f"runs:/{other.run_id}/training_overlap.json")
     assert logged["in_training"] == other.overlap.in_training
+
+
+@pytest.mark.slow
+def test_label_audit_finds_a_planted_training_mislabel(tracking_store, tmp_path, capsys):
+    plan = balanced_plan({"train": 24, "val": 4})
+    plan.append(("dark", "bright", "train"))  # a dark square filed as bright, in training
+    table = write_squares(tmp_path / "squares", plan)
+    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-dark.png")
+    output = tmp_path / "audit"
+    flags = ["--data-source", "dataframe", "--data-dir", table, "--image-size", "32"]
+    flags += ["--convolutions", "1", "--dense-units", "8", "--batch-size", "8"]
+    flags += ["--learning-rate", "0.01", "--randomize-images", "false", "--seed", "0"]
+    flags += ["--experiment-name", "audit", "--folds", "3", "--epochs", "10"]
+    assert lifecycle.main(["label-audit", *flags, "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "likely label errors among 49 training images" in out and planted in out
+
+    with (output / "label_audit.csv").open() as report:
+        rows = list(csv.DictReader(report))
+    top = [row["path"] for row in rows[:3]]
+    assert planted in top, rows
+    row = rows[top.index(planted)]
+    assert (row["given_class"], row["suggested_class"]) == ("bright", "dark")
+    (run,) = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("audit").experiment_id]
+    )
+    assert run.data.tags["label_audit"] == "true"
+    assert run.data.metrics["data_likely_label_errors"] == len(rows)
+    assert MlflowClient().search_registered_models() == []
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"label_audit.csv", "label_audit.json"} <= logged
