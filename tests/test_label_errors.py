@@ -28,13 +28,15 @@ CLASSES = ("bright", "dark")
 def write_squares(folder, plan: list[tuple[str, str, str]], seed: int = 0) -> str:
     """PNGs of 32x32 squares and a table.csv of path,label,split; returns the table's path.
 
-    plan: (what the image shows, its label, its split) per image.
+    plan: (what the image shows: bright, dark or black, its label, its split) per image.
+    A black square is darker than any dark one: the model is surer of it than of any dark
+    square, so confident learning's per-class threshold cannot hide it.
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows = ["path,label,split"]
     for i, (shows, label, split) in enumerate(plan):
-        level = 225 if shows == "bright" else 30
+        level = {"bright": 225, "dark": 40, "black": 0}[shows]
         pixels = np.clip(level + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
         path = folder / f"{i:03d}-{shows}.png"
         Image.fromarray(pixels).save(path)
@@ -77,7 +79,7 @@ def test_split_rows_name_each_prediction_by_its_file(tmp_path):
         Image.fromarray(np.full((8, 8, 3), 5 * i + 10, np.uint8)).save(path)
         rows.append(f"{path},{CLASSES[i % 2]}")
     (folder / "table.csv").write_text("\n".join(rows) + "\n")
-    cfg = engine_config(image_size=8, val_split=0.25, test_split=0.25, seed=3)
+    cfg = engine_config(image_size=8, val_split=0.25, test_split=0.25)
     _, val_ds, info = load_dataframe(str(folder / "table.csv"), cfg, "path", "label")
     for split, ds in (("val", val_ds), ("test", info.test_ds)):
         pixels = np.concatenate([images.numpy()[:, 0, 0, 0] for images, _ in ds])
@@ -110,9 +112,9 @@ def test_a_run_ranks_a_planted_mislabel_among_its_likely_label_errors(
     tracking_store, tmp_path, capsys
 ):
     plan = balanced_plan({"train": 32, "val": 6, "test": 6})
-    plan.append(("dark", "bright", "test"))  # a dark square filed as bright
+    plan.append(("black", "bright", "test"))  # a black square filed as bright
     table = write_squares(tmp_path / "squares", plan)
-    cfg = tiny_config(data_source="dataframe", data_dir=table, epochs=5, learning_rate=0.01)
+    cfg = tiny_config(data_source="dataframe", data_dir=table, epochs=8, learning_rate=0.01)
     result = train_and_log(cfg)
     assert "likely label errors: " in capsys.readouterr().out
 
@@ -120,7 +122,7 @@ def test_a_run_ranks_a_planted_mislabel_among_its_likely_label_errors(
     assert set(label_errors.KEYS) <= set(report)
     ranked = report["likely_label_errors"]
     top = [e["path"] for e in ranked[:3]]
-    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-dark.png")
+    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-black.png")
     assert planted in top, json.dumps(ranked, indent=1)
     entry = ranked[top.index(planted)]
     assert (entry["given_class"], entry["suggested_class"], entry["split"]) == (
@@ -170,9 +172,9 @@ def test_validate_warns_when_it_scores_the_models_training_images(tracking_store
 @pytest.mark.slow
 def test_label_audit_finds_a_planted_training_mislabel(tracking_store, tmp_path, capsys):
     plan = balanced_plan({"train": 24, "val": 4})
-    plan.append(("dark", "bright", "train"))  # a dark square filed as bright, in training
+    plan.append(("black", "bright", "train"))  # a black square filed as bright, in training
     table = write_squares(tmp_path / "squares", plan)
-    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-dark.png")
+    planted = str(tmp_path / "squares" / f"{len(plan) - 1:03d}-black.png")
     output = tmp_path / "audit"
     flags = ["--data-source", "dataframe", "--data-dir", table, "--image-size", "32"]
     flags += ["--convolutions", "1", "--dense-units", "8", "--batch-size", "8"]
