@@ -126,7 +126,10 @@ def audit(
     probs, folds = fold_probabilities(cfg, define_network, info, held, labels, folds)
     found = label_errors.Predictions(labels, probs, ["train"] * len(paths), list(paths))
     entries, note = label_errors.rank_label_errors(found, info.class_names)
+    # how well the fold networks learned: near chance, the ranking says little
+    accuracy = round(float((probs.argmax(axis=1) == labels).mean()), 4)
     header = {"images": len(paths), "folds": folds, "epochs": cfg.epochs, "note": note}
+    header["out_of_fold_accuracy"] = accuracy
     written = write_report(entries, output, header)
     tracking.set_experiment(cfg.experiment_name, uri)
     with mlflow.start_run(run_name=f"label-audit-{info.source or 'data'}") as run:
@@ -136,7 +139,14 @@ def audit(
         for path in written:
             mlflow.log_artifact(str(path))
         tracking.log_dataset(info.lineage)
-    print(f"label audit: {len(entries)} likely label errors among {len(paths)} training images")
+    chance = np.bincount(labels).max() / len(labels)  # always guessing the largest class
+    weak = (
+        "; near chance, so the list says little: more --epochs" if accuracy < chance + 0.1 else ""
+    )
+    print(
+        f"label audit: {len(entries)} likely label errors among {len(paths)} training images "
+        f"(out-of-fold accuracy {accuracy:.3f}{weak})"
+    )
     for entry in entries[:top]:
         print(
             f"  {entry['rank']}. {entry['path']}: filed as {entry['given_class']}, looks like "

@@ -242,6 +242,14 @@ def _log_plots(scored: Evaluation) -> None:
         mlflow.log_artifacts(tmp, "plots")
 
 
+def _training_overlap(
+    candidate: Evaluation, data_cfg: Any, load_data: LoadData, split: str, data_cache: dict
+) -> data_overlap.Overlap | None:
+    """The evaluated images the candidate's training run trained on (see engine.data_overlap)."""
+    lineage = data_cache[(candidate.spec.image_size, candidate.spec.channels)][3]
+    return data_overlap.training_overlap(candidate.ref.run_id, data_cfg, load_data, lineage, split)
+
+
 def validate(
     model: str,
     data_cfg: Any,
@@ -259,7 +267,8 @@ def validate(
     Logs the candidate's metrics (and the champion's, prefixed champion_), a confusion
     matrix, a ROC curve for two classes and the decision to a new run; tags the model
     version with the result; moves `champion_alias` to the candidate when there is no
-    champion or the candidate scores better on `metric` (lower for loss).
+    champion or the candidate scores better on `metric` (lower for loss). Warns when the
+    evaluated images were the model's training images (engine.data_overlap).
 
     Args:
         model: the candidate (see registry.resolve_model).
@@ -288,10 +297,7 @@ def validate(
     champion = None
     if champion_ref is not None and champion_ref.version != candidate_ref.version:
         champion = evaluate(champion_ref, data_cfg, load_data, split, data_cache)
-    lineage = data_cache[(candidate.spec.image_size, candidate.spec.channels)][3]
-    overlap = data_overlap.training_overlap(
-        candidate_ref.run_id, data_cfg, load_data, lineage, split
-    )
+    overlap = _training_overlap(candidate, data_cfg, load_data, split, data_cache)
     promoted, reason = decide(candidate, champion, champion_ref, policy)
     if not promote and promoted:
         reason += "; --no-promote: the alias stays where it is"
