@@ -1,7 +1,7 @@
 """Likely label errors: confident learning on a run's out-of-sample predictions, the
 K-fold label audit of the training split, and validate's warning about data the model
 trained on. The images are made here: dark and bright squares, so a tiny network learns
-them in a few epochs and a dark square filed as bright is surely the odd one."""
+them in a few epochs, and a black square filed as bright is surely the odd one."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from PIL import Image
 
 import lifecycle
 import train
-from engine import data_overlap, label_errors, validation
+from engine import data_overlap, label_errors, scoring, validation
 from engine.file_sources import load_dataframe
+from engine.images import DataInfo
 from tests.conftest import engine_config, tiny_config, train_and_log
 
 CLASSES = ("bright", "dark")
@@ -198,3 +199,16 @@ def test_label_audit_finds_a_planted_training_mislabel(tracking_store, tmp_path,
     assert MlflowClient().search_registered_models() == []
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"label_audit.csv", "label_audit.json"} <= logged
+
+
+def test_a_split_too_small_logs_none_with_a_note_and_the_run_goes_on(tracking_store, capsys):
+    info = DataInfo(image_shape=(8, 8, 3), class_names=list(CLASSES), train_count=4, val_count=1)
+    val = label_errors.split_predictions(np.array([1]), np.array([[0.8, 0.2]]), "val", {})
+    with mlflow.start_run() as run:
+        assert scoring.log_test(None, info, val) == {}  # no test split: nothing to predict
+    out = capsys.readouterr().out
+    assert "likely label errors: 0 (see data_check.json); too few images" in out
+    report = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{label_errors.ARTIFACT}")
+    assert {key: report[key] for key in label_errors.KEYS} == {key: [] for key in label_errors.KEYS}
+    assert "too few images" in report["likely_label_errors_note"]
+    assert MlflowClient().get_run(run.info.run_id).data.metrics["data_likely_label_errors"] == 0
