@@ -39,6 +39,10 @@ train: $(VENV)/.installed ## run train.py locally with ARGS="--flag value ..."
 tune: $(VENV)/.installed ## search hyperparameters (tune.yaml) with pruning: ARGS="--trials 20 --workers 2 --epochs 8"
 	$(BIN)/python -m engine.tune train $(ARGS)
 
+.PHONY: label-audit
+label-audit: $(VENV)/.installed ## likely label errors among the training images, by K-fold: ARGS="--data-source demo --folds 5 --epochs 3"
+	$(BIN)/python lifecycle.py label-audit $(ARGS)
+
 # make ui PORT=5050 when 5000 is taken (make server uses MLFLOW_PORT, also 5000).
 PORT ?= 5000
 ui: $(VENV)/.installed ## browse the local tracking store (mlflow.db, mlruns/) on http://127.0.0.1:5000 (PORT=... for another)

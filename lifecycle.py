@@ -8,6 +8,7 @@ Usage:
     python lifecycle.py export --model models:/image-classifier@champion --output serving/cells
     python lifecycle.py reap-runs --stale-minutes 60
     python lifecycle.py reproduce --model models:/image-classifier@champion
+    python lifecycle.py label-audit --data-source demo --folds 5
     mlflow run . -e validate -P model=models:/image-classifier@candidate
 
 A model is named by models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model,
@@ -29,7 +30,10 @@ import dataclasses
 import sys
 
 import train  # the fork's Config (its model name and data knobs) and load_data; light
-from engine import reproduction_flags
+from engine import (
+    label_audit,  # light: its parser; the audit loads TensorFlow when it runs
+    reproduction_flags,
+)
 from engine.config import UserError, add_config_flags, config_from, parse_bool
 
 MODEL_NAME = train.Config().registered_model_name
@@ -131,6 +135,7 @@ def build_parser(data_config: type = train.Config) -> argparse.ArgumentParser:
             add_config_flags(command, data_config, knobs)
     reproduce = commands.add_parser("reproduce", help=reproduction_flags.HELP)
     reproduction_flags.add_arguments(reproduce, MODEL_NAME)
+    label_audit.add_parser(commands, data_config)
     return parser
 
 
@@ -164,6 +169,9 @@ def run(args: argparse.Namespace) -> None:
         options = {key: getattr(args, key) for key in VALIDATE_OPTIONS}
         data_cfg = config_from(train.Config, vars(args))
         validation.report(validation.validate(args.model, data_cfg, train.load_data, **options))
+        return
+    if args.command == label_audit.NAME:
+        label_audit.run(args, train.Config, train.load_data, train.define_network)
         return
     from engine import prediction
 

@@ -31,6 +31,8 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     multiworker   training over several machines: TF_CONFIG, the chief, the Keras patches
     evaluation    metrics (scikit-learn) and plots
     scoring       the chosen model scored once on validation and test, logged
+    label_errors  likely label errors: confident learning (cleanlab) on out-of-sample predictions
+    label_audit   lifecycle.py label-audit: its flags (light); label_audit_run: the K-fold audit
     tracking      where runs go, per-epoch metrics, logging and registering the model
     serving       the registered model: base64 image files in, class names out
     training      run_training(cfg, load_data, define_network), phase by phase
@@ -44,6 +46,7 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     tune/         `make tune`: an Optuna study, its workers, its MLflow parent run
     registry      registered model references and aliases (lifecycle.py)
     validation    validate: evaluate, compare, promote (lifecycle.py validate)
+    data_overlap  validate's check that the evaluated images were not the model's training images
     prediction    predict to CSV, serve over REST, export for TF Serving
     client        ask a served model (standard library only)
     reaping       reap-runs: runs whose process died marked FAILED

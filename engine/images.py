@@ -187,6 +187,8 @@ def file_lineage(keys: list[str], paths: list[str], labels: list[str], parts, so
         "name": source or "images",
         "source": folder,
         "table": table,
+        # each split's table rows in its pipeline's order: engine.label_errors names files by it
+        "split_rows": dict(zip(SPLITS, (part.tolist() for part in parts), strict=True)),
         "digest": text_digest("\t".join(row) + "\n" for row in rows),
     }
 

@@ -332,8 +332,8 @@ def log_results(setup: RunSetup) -> tuple[dict[str, float], dict[str, float], st
     )
 
     print("evaluating and logging plots and the model ...")
-    log_evaluation(model, setup.val_ds, setup.info, state.history)
-    test_metrics = log_test(model, setup.info)
+    val_predictions = log_evaluation(model, setup.val_ds, setup.info, state.history)
+    test_metrics = log_test(model, setup.info, val_predictions)  # and likely label errors
     example = next(iter(setup.val_ds))[0].numpy()[:1].astype(np.float32)
     model_uri, model_version = tracking.log_model(
         model,

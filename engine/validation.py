@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from engine import evaluation, reproduction_verdict, tracking
+from engine import data_overlap, evaluation, reproduction_verdict, tracking
 from engine.config import UserError
 from engine.network import class_probabilities
 from engine.registry import (
@@ -64,6 +64,7 @@ class ValidationResult:
     champion: Evaluation | None
     promoted: bool
     reason: str
+    overlap: data_overlap.Overlap | None = None  # evaluated images the model trained on
 
 
 def _require_same_classes(ref: ModelRef, spec: ModelSpec, class_names: list[str]) -> None:
@@ -76,8 +77,8 @@ def _require_same_classes(ref: ModelRef, spec: ModelSpec, class_names: list[str]
 
 def _held_out(
     ref: ModelRef, spec: ModelSpec, cfg: Any, load_data: LoadData, split: str
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The split's images (whole pixel values), labels and the data's class names."""
+) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """The split's images (whole pixel values), labels, the data's class names and lineage."""
     print(
         f"loading data ({cfg.data_source}, {split} split, {cfg.image_size}px x {cfg.channels}) ..."
     )
@@ -96,7 +97,7 @@ def _held_out(
     for x, y in ds.as_numpy_iterator():
         images.append(x.astype(np.uint8))  # whole pixel values: a quarter of float32's memory
         labels.append(y)
-    return np.concatenate(images), np.concatenate(labels), info.class_names
+    return np.concatenate(images), np.concatenate(labels), info.class_names, info.lineage
 
 
 def evaluate(
@@ -120,7 +121,7 @@ def evaluate(
         data_cache[key] = _held_out(ref, spec, cfg, load_data, split)
     else:  # the data another version was scored on: the same classes?
         _require_same_classes(ref, spec, data_cache[key][2])
-    images, labels, _ = data_cache[key]
+    images, labels = data_cache[key][:2]
     batches = tf.data.Dataset.from_tensor_slices(images).batch(data_cfg.batch_size)
     batches = batches.map(lambda x: tf.cast(x, tf.float32))
     probs = class_probabilities(load_model(ref.uri).predict(batches, verbose=0))
@@ -241,6 +242,14 @@ def _log_plots(scored: Evaluation) -> None:
         mlflow.log_artifacts(tmp, "plots")
 
 
+def _training_overlap(
+    candidate: Evaluation, data_cfg: Any, load_data: LoadData, split: str, data_cache: dict
+) -> data_overlap.Overlap | None:
+    """The evaluated images the candidate's training run trained on (see engine.data_overlap)."""
+    lineage = data_cache[(candidate.spec.image_size, candidate.spec.channels)][3]
+    return data_overlap.training_overlap(candidate.ref.run_id, data_cfg, load_data, lineage, split)
+
+
 def validate(
     model: str,
     data_cfg: Any,
@@ -259,7 +268,8 @@ def validate(
     Logs the candidate's metrics (and the champion's, prefixed champion_), a confusion
     matrix, a ROC curve for two classes and the decision to a new run; tags the model
     version with the result; moves `champion_alias` to the candidate when there is no
-    champion or the candidate scores better on `metric` (lower for loss).
+    champion or the candidate scores better on `metric` (lower for loss). Warns when the
+    evaluated images were the model's training images (engine.data_overlap).
 
     Args:
         model: the candidate (see registry.resolve_model).
@@ -291,15 +301,17 @@ def validate(
     champion = None
     if champion_ref is not None and champion_ref.version != candidate_ref.version:
         champion = evaluate(champion_ref, data_cfg, load_data, split, data_cache)
+    overlap = _training_overlap(candidate, data_cfg, load_data, split, data_cache)
     promoted, reason = decide(candidate, champion, champion_ref, policy)
     if not promote and promoted:
         reason += "; --no-promote: the alias stays where it is"
     promoted = promoted and promote
     run_id = _log_validation(candidate, champion, champion_ref, data_cfg, policy, promoted, reason)
+    data_overlap.say_and_record(overlap, run_id)
     if promoted:
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(candidate_ref.name, champion_alias, candidate_ref.version)
-    return ValidationResult(run_id, candidate, champion, promoted, reason)
+    return ValidationResult(run_id, candidate, champion, promoted, reason, overlap)
 
 
 def report(result: ValidationResult) -> None:
