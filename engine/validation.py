@@ -250,6 +250,20 @@ def _training_overlap(
     return data_overlap.training_overlap(candidate.ref.run_id, data_cfg, load_data, lineage, split)
 
 
+def _score_both(candidate_ref, champion_ref, metric, data_cfg, load_data, split, data_cache):
+    """(the candidate's Scored, the champion's or None) on the same data; an unknown
+    metric stops after the candidate's."""
+    candidate = evaluate(candidate_ref, data_cfg, load_data, split, data_cache)
+    if metric not in candidate.metrics:
+        raise UserError(
+            f"metric '{metric}' is not computed here; choose one of {sorted(candidate.metrics)}"
+        )
+    champion = None
+    if champion_ref is not None and champion_ref.version != candidate_ref.version:
+        champion = evaluate(champion_ref, data_cfg, load_data, split, data_cache)
+    return candidate, champion
+
+
 def validate(
     model: str,
     data_cfg: Any,
@@ -293,14 +307,9 @@ def validate(
     if require_reproduced:
         reproduction_verdict.check_reproduced(candidate_ref.name, candidate_ref.version)
     data_cache: dict = {}
-    candidate = evaluate(candidate_ref, data_cfg, load_data, split, data_cache)
-    if metric not in candidate.metrics:
-        raise UserError(
-            f"metric '{metric}' is not computed here; choose one of {sorted(candidate.metrics)}"
-        )
-    champion = None
-    if champion_ref is not None and champion_ref.version != candidate_ref.version:
-        champion = evaluate(champion_ref, data_cfg, load_data, split, data_cache)
+    candidate, champion = _score_both(
+        candidate_ref, champion_ref, metric, data_cfg, load_data, split, data_cache
+    )
     overlap = _training_overlap(candidate, data_cfg, load_data, split, data_cache)
     promoted, reason = decide(candidate, champion, champion_ref, policy)
     if not promote and promoted:
