@@ -13,6 +13,9 @@ A worker that dies: the survivors' collectives fail through MultiWorkerMirroredS
 peer health check (every 30 s, 3 tries of 10 s) or at the latest after the collective
 timeout (COLLECTIVE_TIMEOUT_SECONDS, TensorFlow's own note is that without one the
 others may wait forever), and the chief marks the run FAILED with its resume_command.
+The run's status is the chief's to set: a worker that has trained waits for the chief
+to end the run (at most TRAIN_CHIEF_WAIT seconds, default an hour) before it exits,
+since `mlflow run` marks a run FINISHED when its own process ends.
 
 Keras 3.15 `fit` does not run under MultiWorkerMirroredStrategy as shipped
 (keras-team/keras#20585, tensorflow/tensorflow#72388); `patch_keras` changes the two
@@ -26,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,7 @@ from typing import Any
 import mlflow
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as keras_trainer
+from mlflow.entities import RunStatus
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from engine.config import UserError
@@ -44,6 +50,10 @@ from engine.config import UserError
 # while the others wait; a dead peer is found sooner by the health check.
 COLLECTIVE_TIMEOUT_SECONDS = int(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT", "600"))
 NODE_ID_VARIABLE = "MLFLOW_SYSTEM_METRICS_NODE_ID"  # read by MLflow's system metrics
+# How long a worker that has trained waits for the chief to end the run (evaluate, log and
+# register the model), in seconds: see wait_for_chief.
+CHIEF_WAIT_VARIABLE = "TRAIN_CHIEF_WAIT"
+CHIEF_WAIT_SECONDS = float(os.environ.get(CHIEF_WAIT_VARIABLE, "3600"))
 
 
 @dataclass(frozen=True)
@@ -261,7 +271,8 @@ def checkpoint_folder(root: Path, run_id: str, cluster: Cluster | None) -> Path:
 @contextlib.contextmanager
 def worker_run(resume_run_id: str, system_metrics: bool) -> Iterator[mlflow.entities.Run]:
     """A non-chief worker's part of the run: its system metrics, under its node id. The
-    run's status is the chief's to set, so this neither starts nor ends the run."""
+    run's status is the chief's to set, so this neither starts nor ends the run; having
+    trained, it waits for the chief to end it (wait_for_chief)."""
     run = mlflow.MlflowClient().get_run(resume_run_id or os.environ["MLFLOW_RUN_ID"])
     monitor = None
     if system_metrics:
@@ -269,6 +280,34 @@ def worker_run(resume_run_id: str, system_metrics: bool) -> Iterator[mlflow.enti
         monitor.start()
     try:
         yield run
+        wait_for_chief(run.info.run_id)
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def wait_for_chief(run_id: str, timeout: float = CHIEF_WAIT_SECONDS, poll: float = 2.0) -> bool:
+    """Wait until the run is ended (the chief's end_run, or its launcher's), at most
+    `timeout` seconds. A worker that has trained leaves only then: `mlflow run` (make run
+    WORKERS=N) marks a run FINISHED when its own process ends and the run is not ended
+    yet, which, from a non-chief's container, would end the run before the chief has
+    evaluated and registered the model, or whatever became of the chief.
+
+    Returns:
+        True when the run ended in time; False (with a warning) when the wait ran out.
+    """
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):  # a server that blinks: ask again
+            status = client.get_run(run_id).info.status
+            if RunStatus.is_terminated(RunStatus.from_string(status)):
+                return True
+        if time.monotonic() >= deadline:
+            print(
+                f"warning: the chief did not end run {run_id} within {timeout:.0f} s "
+                f"({CHIEF_WAIT_VARIABLE}); this worker leaves it running",
+                file=sys.stderr,
+            )
+            return False
+        time.sleep(poll)

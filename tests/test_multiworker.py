@@ -10,14 +10,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from engine import multiworker
+from engine import multiworker, resuming
 from engine.config import UserError
 from engine.sources import make_demo_data
 from tests.conftest import tiny_config
@@ -88,6 +90,54 @@ def test_distribute_values(value, mode):
 def test_bad_distribute_value():
     with pytest.raises(UserError, match="distribute must be true, false or multiworker"):
         tiny_config(distribute="sometimes").validate()
+
+
+def test_a_worker_waits_for_the_chief_to_end_the_run(tracking_store, capsys):
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("wait")).info.run_id
+    # nobody ends it: the wait runs out, with a warning, and the run stays RUNNING
+    assert not multiworker.wait_for_chief(run_id, timeout=0.3, poll=0.1)
+    assert "the chief did not end run" in capsys.readouterr().err
+    assert client.get_run(run_id).info.status == "RUNNING"
+    # the chief ends it a moment later: the worker leaves then, not before
+    chief = threading.Timer(1.0, client.set_terminated, (run_id, "FAILED"))
+    started = time.monotonic()
+    chief.start()
+    assert multiworker.wait_for_chief(run_id, timeout=60, poll=0.1)
+    assert 0.9 < time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("environ", "tags", "expected"),
+    [
+        # each worker its own train.py: the same command on every one
+        ({}, {}, "python train.py --resume-run-id {run} --checkpoint-dir /c  # on each of the 2"),
+        # make run WORKERS=2: MLflow Projects ran it in Docker
+        ({}, {"mlflow.project.env": "docker"}, 'make run WORKERS=2 ARGS="-P resume_run_id={run}'),
+        # make kube-run WORKERS=2: the Indexed Job's environment says so, server or not
+        ({"TRAIN_WORKERS": "2"}, {}, 'make kube-run WORKERS=2 ARGS="-P resume_run_id={run} -P'),
+    ],
+)
+def test_resume_command_under_several_workers(
+    tracking_store, monkeypatch, capsys, environ, tags, expected
+):
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("resume"), tags=tags).info.run_id
+    monkeypatch.setenv("TF_CONFIG", tf_config(["a:1", "b:2"], 0))
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    cfg = tiny_config(checkpoint_dir="/c")
+    with mlflow.start_run(run_id=run_id):
+        resuming.say_how_to_resume(run_id, cfg)
+    tag = client.get_run(run_id).data.tags["resume_command"]
+    assert tag.startswith(expected.format(run=run_id)), tag
+    err = capsys.readouterr().err
+    assert "resume it on the same 2 workers, all at once, with:" in err and tag in err
+    # one worker: the command as before
+    monkeypatch.delenv("TF_CONFIG")
+    assert resuming.resume_command(run_id, cfg, *resuming.how_it_ran(run_id)) == (
+        f"python train.py --resume-run-id {run_id} --checkpoint-dir /c"
+    )
 
 
 # ---------------------------------------------------------------- slow: processes
