@@ -106,6 +106,7 @@ RETRIES ?= 0
 WORKERS ?= 1
 
 .PHONY: build run sweep tune-docker kube-run test-docker
+.PHONY: kube-tune
 
 # The code's commit and content hash are baked in (labels, .code_identity.json) and the
 # image gets a second tag per code version, NAME:code-<hash>; see doc/docker.md.
@@ -142,6 +143,16 @@ kube-run: $(VENV)/.installed ## run the committed code as a Kubernetes Job (kube
 	$(BIN)/mlflow run "$$src" --backend kubernetes \
 		--backend-config "$$config" --build-image \
 		$(if $(EXPERIMENT),--experiment-name $(EXPERIMENT)) $(ARGS)
+
+# make kube-tune WORKERS=N ARGS="--storage postgresql://USER@HOST/DB --trials 40 --epochs 8":
+# N pods of one Indexed Job pull trials from one Optuna study on the team PostgreSQL, under
+# one parent MLflow run (host/tune.py; doc/tuning.md). The code is HEAD's, as kube-run's.
+kube-tune: $(VENV)/.installed ## tune on Kubernetes: WORKERS=N pods pull trials from one study on PostgreSQL (ARGS="--storage postgresql://... --trials 20")
+	@tmp="$$(mktemp -d)" && src="$$tmp/src" && \
+	git worktree add --detach --quiet "$$src" HEAD && \
+	trap 'git worktree remove --force "$$src"' EXIT && \
+	BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m host.tune --workers '$(WORKERS)' \
+		--src "$$src" --out "$$tmp/kube" $(ARGS)
 
 test-docker: $(VENV)/.installed ## the Docker tests: builds the image, runs make run against a real server (minutes)
 	$(BIN)/python -m pytest -m docker $(ARGS)

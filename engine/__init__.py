@@ -28,7 +28,8 @@ imports train.py, lifecycle.py, project_driver.py or host/. One module per conce
     network       the network contract: checked before a run, compiled when uncompiled
     balance       imbalanced classes: a warning, class weights, a sigmoid's prior bias
     devices       the distribution strategy and the compute dtype
-    multiworker   training over several machines: TF_CONFIG, the chief, the Keras patches
+    multiworker   training over several machines: TF_CONFIG, the chief, the workers' run
+    keras_patches Keras fit under MultiWorkerMirroredStrategy (engine.multiworker)
     evaluation    metrics (scikit-learn) and plots
     scoring       the chosen model scored once on validation and test, logged
     label_errors  likely label errors: confident learning (cleanlab) on out-of-sample predictions

@@ -5,20 +5,21 @@ description: {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worke
 "index": i}}) and the same MLFLOW_RUN_ID. Worker 0 is the chief: it logs the run's
 parameters, metrics, plots and model and checkpoints to the run's folder; the others
 log only their system metrics under their own node id (`worker-<i>`) and checkpoint to
-a temporary folder. Each worker reads its own shard of the data (tf.data's DATA
-auto-shard policy), so the global batch is batch_size x replicas; --learning-rate is
-the rate for that global batch.
+a temporary folder. Each worker reads its own shard of the data: a streamed training
+split only its own rows (engine.stream), the rest through tf.data's DATA auto-shard
+policy; the global batch is batch_size x replicas; --learning-rate is the rate for
+that global batch.
 
 A worker that dies: the survivors' collectives fail through MultiWorkerMirroredStrategy's
 peer health check (every 30 s, 3 tries of 10 s) or at the latest after the collective
 timeout (COLLECTIVE_TIMEOUT_SECONDS, TensorFlow's own note is that without one the
 others may wait forever), and the chief marks the run FAILED with its resume_command.
+The run's status is the chief's to set: a worker that has trained waits for the chief
+to end the run (at most TRAIN_CHIEF_WAIT seconds, default an hour) before it exits,
+since `mlflow run` marks a run FINISHED when its own process ends.
 
-Keras 3.15 `fit` does not run under MultiWorkerMirroredStrategy as shipped
-(keras-team/keras#20585, tensorflow/tensorflow#72388); `patch_keras` changes the two
-places that fail, and only when this strategy is in use. tests/test_multiworker.py
-runs plain Keras without the patch and expects the failure: when it passes, upstream
-is fixed and the patch goes.
+Keras 3.15 `fit` does not run under MultiWorkerMirroredStrategy as shipped: make_strategy
+patches it (engine.keras_patches).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +37,21 @@ from typing import Any
 
 import mlflow
 import tensorflow as tf
-from keras.src.backend.tensorflow import trainer as keras_trainer
+from mlflow.entities import RunStatus
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from engine.config import UserError
+from engine.keras_patches import is_per_worker, patch_keras
 
 # Upper bound on one collective (an all-reduce waiting for a peer), in seconds. Generous,
 # because a live chief may spend minutes at an epoch's end (checkpoint, MLflow retries)
 # while the others wait; a dead peer is found sooner by the health check.
 COLLECTIVE_TIMEOUT_SECONDS = int(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT", "600"))
 NODE_ID_VARIABLE = "MLFLOW_SYSTEM_METRICS_NODE_ID"  # read by MLflow's system metrics
+# How long a worker that has trained waits for the chief to end the run (evaluate, log and
+# register the model), in seconds: see wait_for_chief.
+CHIEF_WAIT_VARIABLE = "TRAIN_CHIEF_WAIT"
+CHIEF_WAIT_SECONDS = float(os.environ.get(CHIEF_WAIT_VARIABLE, "3600"))
 
 
 @dataclass(frozen=True)
@@ -153,10 +161,20 @@ def make_strategy() -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
+def worker_share(distribute: str) -> tuple[int, int] | None:
+    """(this worker's index, the workers) when training over several, else None: what
+    a pipeline that reads only its own share (engine.stream) needs."""
+    cluster = wanted_cluster(distribute)
+    if cluster is None or len(cluster.workers) < 2:
+        return None
+    return cluster.index, len(cluster.workers)
+
+
 def shard(ds: tf.data.Dataset, cluster: Cluster | None) -> tf.data.Dataset:
     """The dataset sharded by element across the cluster's workers (each keeps its 1/N,
-    whatever the source: files or memory); unchanged off a cluster."""
-    if cluster is None:
+    whatever the source: files or memory); unchanged off a cluster, or when it holds
+    only this worker's share already (the streamed training split)."""
+    if cluster is None or is_per_worker(ds):
         return ds
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -171,57 +189,6 @@ def local_model(model: Any) -> Any:
     model._distribute_strategy = None
     model.predict_function = None
     return model
-
-
-# ----------------------------------------------------------------------------
-# The Keras patches
-# ----------------------------------------------------------------------------
-
-_ORIGINAL_REDUCE = keras_trainer.reduce_per_replica
-
-
-def _build_from_local_batch(self, iterator=None, data_batch=None):
-    """TensorFlowTrainer._maybe_symbolic_build, building from this worker's first replica's
-    batch instead of a cross-worker MEAN of it (which fails on a PerReplica value)."""
-    if self._distribute_strategy is None:
-        return
-    if iterator is not None:
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = tf.nest.map_structure(
-                lambda x: (
-                    self.distribute_strategy.experimental_local_results(x)[0]
-                    if isinstance(x, tf.distribute.DistributedValues)
-                    else x
-                ),
-                batch,
-            )
-            break
-    with self.distribute_strategy.scope():
-        self._symbolic_build(data_batch=data_batch)
-
-
-def _reduce_scalars_too(values, strategy, reduction):
-    """keras' reduce_per_replica, reducing scalar logs with axis=None under
-    MultiWorkerMirroredStrategy (axis=0 fails on a scalar)."""
-    if not keras_trainer._collective_all_reduce_multi_worker(strategy) or reduction not in (
-        "auto",
-        "mean",
-    ):
-        return _ORIGINAL_REDUCE(values, strategy, reduction)
-
-    def mean(value):
-        local = strategy.experimental_local_results(value)[0]
-        return strategy.reduce("MEAN", value, axis=0 if local.shape.rank else None)
-
-    return tf.nest.map_structure(mean, values)
-
-
-def patch_keras() -> None:
-    """Apply both patches (idempotent). make_strategy alone calls it, so a process that
-    trains on one machine runs Keras as shipped."""
-    keras_trainer.TensorFlowTrainer._maybe_symbolic_build = _build_from_local_batch
-    keras_trainer.reduce_per_replica = _reduce_scalars_too
 
 
 # ----------------------------------------------------------------------------
@@ -261,7 +228,8 @@ def checkpoint_folder(root: Path, run_id: str, cluster: Cluster | None) -> Path:
 @contextlib.contextmanager
 def worker_run(resume_run_id: str, system_metrics: bool) -> Iterator[mlflow.entities.Run]:
     """A non-chief worker's part of the run: its system metrics, under its node id. The
-    run's status is the chief's to set, so this neither starts nor ends the run."""
+    run's status is the chief's to set, so this neither starts nor ends the run; having
+    trained, it waits for the chief to end it (wait_for_chief)."""
     run = mlflow.MlflowClient().get_run(resume_run_id or os.environ["MLFLOW_RUN_ID"])
     monitor = None
     if system_metrics:
@@ -269,6 +237,34 @@ def worker_run(resume_run_id: str, system_metrics: bool) -> Iterator[mlflow.enti
         monitor.start()
     try:
         yield run
+        wait_for_chief(run.info.run_id)
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def wait_for_chief(run_id: str, timeout: float = CHIEF_WAIT_SECONDS, poll: float = 2.0) -> bool:
+    """Wait until the run is ended (the chief's end_run, or its launcher's), at most
+    `timeout` seconds. A worker that has trained leaves only then: `mlflow run` (make run
+    WORKERS=N) marks a run FINISHED when its own process ends and the run is not ended
+    yet, which, from a non-chief's container, would end the run before the chief has
+    evaluated and registered the model, or whatever became of the chief.
+
+    Returns:
+        True when the run ended in time; False (with a warning) when the wait ran out.
+    """
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):  # a server that blinks: ask again
+            status = client.get_run(run_id).info.status
+            if RunStatus.is_terminated(RunStatus.from_string(status)):
+                return True
+        if time.monotonic() >= deadline:
+            print(
+                f"warning: the chief did not end run {run_id} within {timeout:.0f} s "
+                f"({CHIEF_WAIT_VARIABLE}); this worker leaves it running",
+                file=sys.stderr,
+            )
+            return False
+        time.sleep(poll)

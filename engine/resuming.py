@@ -14,8 +14,11 @@ import sys
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from engine import checkpoints, tracking
+from engine import checkpoints, multiworker, tracking
 from engine.config import RunConfig, UserError
+
+# The make target that starts a run's workers, by how MLflow Projects ran it (how_it_ran).
+MAKE_TARGETS = {"docker": "run", "kubernetes": "kube-run"}
 
 
 def resumed_config(cfg: RunConfig, state: checkpoints.TrainingState) -> RunConfig:
@@ -52,12 +55,51 @@ def log_missing_epochs(run_id: str, state: checkpoints.TrainingState) -> int:
     return len(missing)
 
 
-def resume_command(run_id: str, cfg: RunConfig) -> str:
-    """The command that resumes run_id from its checkpoint."""
-    command = f"python train.py --resume-run-id {run_id}"
+def resume_command(
+    run_id: str, cfg: RunConfig, cluster: multiworker.Cluster | None = None, launcher: str = ""
+) -> str:
+    """The command that resumes run_id from its checkpoint.
+
+    Args:
+        cluster: the workers the run trained on. A run over several resumes on as many,
+            all at once: the chief's checkpoint holds the weights of every one.
+        launcher: how the workers were started: "docker" (make run WORKERS=N),
+            "kubernetes" (make kube-run WORKERS=N), or "" (each its own train.py).
+    """
+    flags = f"--resume-run-id {run_id}"
+    params = f"-P resume_run_id={run_id}"
     if cfg.checkpoint_dir:
-        command += f" --checkpoint-dir {cfg.checkpoint_dir}"
-    return command
+        flags += f" --checkpoint-dir {cfg.checkpoint_dir}"
+        params += f" -P checkpoint_dir={cfg.checkpoint_dir}"
+    if cluster is None:
+        return f"python train.py {flags}"
+    workers = len(cluster.workers)
+    if launcher in MAKE_TARGETS:
+        return f'make {MAKE_TARGETS[launcher]} WORKERS={workers} ARGS="{params}"'
+    return (
+        f"python train.py {flags}  "
+        f"# on each of the {workers} workers, with TF_CONFIG naming the same {workers}"
+    )
+
+
+def how_it_ran(run_id: str, ask_server: bool = True) -> tuple[multiworker.Cluster | None, str]:
+    """The workers this process trains with and how they were started (resume_command's
+    cluster and launcher), from TF_CONFIG, the Indexed Job's environment and the tags
+    MLflow Projects put on the run (read only when ask_server)."""
+    cluster = None
+    with contextlib.suppress(Exception):  # TF_CONFIG was checked before the run began
+        cluster = multiworker.cluster_from_env()
+    if cluster is None or len(cluster.workers) < 2:
+        return None, ""
+    if os.environ.get("TRAIN_WORKERS"):  # set by the Indexed Job's template (host/kube.py)
+        return cluster, "kubernetes"
+    tags: dict[str, str] = {}
+    if ask_server:
+        with contextlib.suppress(Exception):  # the server may be what failed
+            tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    if tags.get("mlflow.project.backend") == "kubernetes":
+        return cluster, "kubernetes"
+    return cluster, "docker" if tags.get("mlflow.project.env") == "docker" else ""
 
 
 def tracking_lost(
@@ -75,16 +117,20 @@ def tracking_lost(
         f"MLflow retried within its budget ({budget}). Nothing was registered. The server "
         "could not be told, so the run shows RUNNING there until `make reap-runs` marks it "
         "FAILED. Its checkpoint is kept: once the server is back, resume it into the same "
-        f"run with: {resume_command(run_id, cfg)}"
+        f"run with: {resume_command(run_id, cfg, *how_it_ran(run_id, ask_server=False))}"
     )
 
 
 def say_how_to_resume(run_id: str, cfg: RunConfig) -> None:
     """Tag the stopped run as resumable and print the command that resumes it."""
-    command = resume_command(run_id, cfg)
+    cluster, launcher = how_it_ran(run_id)
+    command = resume_command(run_id, cfg, cluster, launcher)
     with contextlib.suppress(Exception):  # the server may be what failed
         mlflow.set_tag("resume_command", command)
+    where = ""
+    if cluster is not None:
+        where = f" on the same {len(cluster.workers)} workers, all at once,"
     print(
-        f"\nrun {run_id} stopped after a checkpoint; resume it with:\n  {command}",
+        f"\nrun {run_id} stopped after a checkpoint; resume it{where} with:\n  {command}",
         file=sys.stderr,
     )

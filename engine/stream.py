@@ -23,8 +23,9 @@ place in a permutation keyed by (a per-epoch draw of tf.data's seeded random dat
 cfg.seed), with no buffer at all. Within a batch the reads go in file order (a batch
 is a set; the model does not see the order inside it).
 
-For training over several workers, `SplitRows.part(index, count)` is one worker's
-share: every count-th image of the split.
+Training over several workers (engine.multiworker), each worker's training pipeline
+reads only its share, `SplitRows.part(index, count)` (every count-th image of the
+split), in batches of its part of the global batch: the others' rows are never read.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from engine import multiworker
 from engine.config import RunConfig
 from engine.decoding import aligned_zeros
+from engine.keras_patches import per_worker_options
 from engine.shards import Located
 
 # Training splits up to this many images are shuffled through a buffer of their positions
@@ -80,8 +83,10 @@ class SplitRows:
         return int(np.prod(self.shape))
 
     def part(self, index: int, count: int) -> SplitRows:
-        """Worker `index` of `count`'s share: every count-th image from the index-th."""
-        pick = slice(index, None, count)
+        """Worker `index` of `count`'s share: every count-th image from the index-th, the
+        same number for every worker (workers step together, so the last len % count
+        images of the split's order, fewer than `count`, sit out)."""
+        pick = slice(index, len(self) // count * count, count)
         return SplitRows(
             self.fds[pick], self.offsets[pick], self.labels[pick], self.shape, self.located
         )
@@ -105,7 +110,11 @@ def stream_pipeline(rows: SplitRows, cfg: RunConfig, training: bool) -> tf.data.
     The training one is a new seeded permutation of the whole split every epoch (see the
     module's notes); the others keep the split's order.
     """
-    count, batch = len(rows), cfg.batch_size
+    batch = cfg.batch_size
+    share = multiworker.worker_share(cfg.distribute_mode()) if training else None
+    if share is not None:  # this worker's rows, in batches of its part of the global batch
+        rows, batch = rows.part(*share), cfg.batch_size // share[1]
+    count = len(rows)
     # positions in reads of several batches (fewer calls into Python), cut back to batches
     per_read = batch * max(1, min(READ_BATCHES, READ_BYTES // (batch * rows.nbytes)))
     positions = tf.data.Dataset.range(count)
@@ -124,7 +133,8 @@ def stream_pipeline(rows: SplitRows, cfg: RunConfig, training: bool) -> tf.data.
 
     batches = positions.map(fetch, num_parallel_calls=tf.data.AUTOTUNE).rebatch(batch)
     batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch)))
-    return batches.prefetch(tf.data.AUTOTUNE)
+    batches = batches.prefetch(tf.data.AUTOTUNE)
+    return batches if share is None else batches.with_options(per_worker_options())
 
 
 def _permuted(positions: tf.data.Dataset, count: int, seed: int) -> tf.data.Dataset:

@@ -11,6 +11,9 @@ every such Job of the project: the host names differ by Job name.
 
     python -m host.kube config --workers N --out DIR   # prints the backend config to use
     python -m host.kube service --workers N            # creates the headless Service
+
+`make kube-tune WORKERS=N` renders its Indexed Job of tuning workers with tune_job
+(host/tune.py is its door: python -m host.tune --workers N --src DIR --out DIR FLAGS).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ KUBE_DIR = PROJECT_DIR / "kubernetes"
 BACKEND_CONFIG = KUBE_DIR / "kubernetes_config.json"
 WORKER_PORT = 2222  # the port TensorFlow's collectives listen on in every pod
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by Kubernetes 1.27+ on a Job's pods
+TUNE_SETTINGS_ENV = "TUNE_SETTINGS"  # engine.tune.SETTINGS_ENV: a tuning worker's settings
 
 
 def project_name() -> str:
@@ -41,12 +46,18 @@ def service_name(project: str) -> str:
     return f"{project}-workers"[:63].rstrip("-")
 
 
+def indexed(template: dict[str, Any], workers: int) -> dict[str, Any]:
+    """A copy of the Job template as an Indexed Job of `workers` pods, each with its
+    JOB_COMPLETION_INDEX (0 to workers-1)."""
+    job = copy.deepcopy(template)
+    job["spec"].update(completions=workers, parallelism=workers, completionMode="Indexed")
+    return job
+
+
 def indexed_job(template: dict[str, Any], workers: int, project: str) -> dict[str, Any]:
     """The Job template as an Indexed Job of `workers` pods under the headless Service."""
-    job = copy.deepcopy(template)
-    spec = job["spec"]
-    spec.update(completions=workers, parallelism=workers, completionMode="Indexed")
-    pod = spec["template"]
+    job = indexed(template, workers)
+    pod = job["spec"]["template"]
     pod.setdefault("metadata", {}).setdefault("labels", {})["training-workers"] = project
     pod["spec"]["subdomain"] = service_name(project)
     container = pod["spec"]["containers"][0]
@@ -93,11 +104,27 @@ def write_config(workers: int, out: Path) -> Path:
     worker, else a copy in `out` that points at the rendered Indexed Job template."""
     if workers == 1:
         return BACKEND_CONFIG
+    return write_rendered(lambda template: indexed_job(template, workers, project_name()), out)
+
+
+def tune_job(template: dict[str, Any], workers: int, settings_json: str) -> dict[str, Any]:
+    """`make kube-tune WORKERS=N`: the Job template as an Indexed Job of N tuning workers,
+    each given the study's settings (TUNE_SETTINGS: the study, its PostgreSQL storage,
+    the parent run). Pod i is worker i (kubernetes/tune_worker.py); the workers share
+    nothing but the study, so no Service."""
+    job = indexed(template, workers)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container.setdefault("env", []).append({"name": TUNE_SETTINGS_ENV, "value": settings_json})
+    return job
+
+
+def write_rendered(render: Callable[[dict[str, Any]], dict[str, Any]], out: Path) -> Path:
+    """A backend config in `out` whose Job template is the project's, rendered."""
     config = json.loads(BACKEND_CONFIG.read_text())
     template = yaml.safe_load((PROJECT_DIR / config["kube-job-template-path"]).read_text())
     out.mkdir(parents=True, exist_ok=True)
     rendered = out / "kubernetes_job_template.yaml"
-    rendered.write_text(yaml.safe_dump(indexed_job(template, workers, project_name())))
+    rendered.write_text(yaml.safe_dump(render(template)))
     config["kube-job-template-path"] = str(rendered)
     (out / "kubernetes_config.json").write_text(json.dumps(config, indent=2))
     return out / "kubernetes_config.json"

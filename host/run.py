@@ -138,13 +138,22 @@ def run_main(argv: Sequence[str], retries: int, base_image: str) -> int:
     return job.exit_code
 
 
-def launch_workers(plan: Plan, job: Job, workers: int) -> Job:
-    """Start `workers` containers into job's run at once (host.workers); the job that
-    says how it went."""
+def launch_workers(plan: Plan, job: Job, workers: int, **launcher_args) -> Job:
+    """Start `workers` containers into job's run at once (host.workers); once all have
+    ended, the run's status is the chief's outcome. Returns the chief's job.
+
+    Args:
+        launcher_args: more Launcher arguments (tests pass a fake `start`).
+    """
     network = os.environ.get("DOCKER_WORKER_NETWORK", cluster.NETWORK)
     per_worker = cluster.worker_docker_args(plan, job.run_id, workers, network)
     if plan.docker_args.get("network") != "host":
         cluster.ensure_network(network)
     jobs = cluster.worker_jobs(job.run_id, workers)
-    Launcher(plan, parallel=workers, slot_docker_args=cluster.slot_args(per_worker)).run(jobs)
-    return cluster.outcome(jobs)
+    slot_args = cluster.slot_args(per_worker)
+    Launcher(plan, parallel=workers, slot_docker_args=slot_args, **launcher_args).run(jobs)
+    chief = cluster.outcome(jobs)
+    if job.run_id and not chief.status.startswith("NOT STARTED"):
+        out = launcher_args.get("out") or sys.stderr
+        cluster.settle_status(plan.tracking_uri, job.run_id, chief, out)
+    return chief

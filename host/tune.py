@@ -1,14 +1,20 @@
-"""`make tune-docker`: engine.tune's search, each worker a container in the training
-image on its own GPU (worker N: --gpus device=N mod the GPUs), with the same plan as a
-run (network, user, /storage, the code's hash). engine.tune starts the workers through
-DockerWorkers and relays their output; the study storage must be one the containers
-share (a postgresql:// URL, or a journal file under STORAGE_DIR).
+"""`make tune-docker` and `make kube-tune WORKERS=N`: engine.tune's search, its workers
+in the training image.
+
+tune-docker: each worker a container on its own GPU (worker N: --gpus device=N mod
+the GPUs), with the same plan as a run (network, user, /storage, the code's hash).
+engine.tune starts the workers through DockerWorkers and relays their output; the
+study storage must be one the containers share (a postgresql:// URL, or a journal file
+under STORAGE_DIR). kube-tune: the workers are the pods of one Indexed Job
+(KubeWorkers) that MLflow's Kubernetes backend submits; the study is on PostgreSQL.
 
 engine.tune is imported when tuning starts: the host package stays light to import.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import sys
@@ -21,6 +27,8 @@ from engine.common import PROJECT_DIR
 from engine.config import UserError
 from host.facts import GpuInfo
 from host.image import build_image, code_docker_args, code_image_tag, read_image_tag
+from host.kube import check_workers, tune_job, write_rendered
+from host.launch import mlflow_command
 from host.plan import DEFAULT_STORAGE_DIR, Plan, docker_arg_words, host_plan, run_gpu_args
 
 
@@ -124,3 +132,106 @@ def tune_main(argv: Sequence[str], base_image: str) -> int:
     storage_dir = os.environ.get("STORAGE_DIR", DEFAULT_STORAGE_DIR)
     launcher = DockerWorkers(plan, gpus, os.environ.get("GPUS", "auto"), image, storage_dir)
     return tune.main(list(argv), launcher=launcher)
+
+
+# ----------------------------------------------------------------------------
+# make kube-tune WORKERS=N: the workers are one Indexed Job on Kubernetes
+# ----------------------------------------------------------------------------
+
+TUNE_ENTRY = "kubernetes/tune_worker.py"  # `mlflow run -e`: one tuning worker per pod
+
+
+def kube_tune_problem(argv: Sequence[str], tracking_uri: str) -> str:
+    """Why pods could not share this study and tracking server, or "": the study must be
+    on the team PostgreSQL (--storage postgresql://...), the runs on a tracking server."""
+    storage = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--storage"), "")
+    storage = next((a.split("=", 1)[1] for a in argv if a.startswith("--storage=")), storage)
+    if urlsplit(storage).scheme.split("+")[0] != "postgresql":
+        return (
+            f"the study storage must be the team PostgreSQL, which every pod reaches: give "
+            f"ARGS=\"--storage postgresql://USER@HOST/DB ...\" (got '{storage or 'none'}')"
+        )
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return f"the trials log to {tracking_uri or 'nowhere'}; the pods need a tracking server"
+    return ""
+
+
+class KubeWorkers:
+    """engine.tune's launcher for `make kube-tune WORKERS=N`: the N workers are the pods
+    of one Indexed Job that `mlflow run --backend kubernetes` submits (building the image
+    of the code in src, as make kube-run does) and follows to its end.
+
+    engine.tune starts one process for the lot (`processes`), and does not load the data
+    here first (`data_here`): it is on the cluster's volume, where the pods read it.
+    """
+
+    processes = 1
+    data_here = False
+
+    def __init__(self, workers: int, src: Path, out: Path, run_args: Sequence[str] = ()):
+        self.workers, self.src, self.out, self.run_args = workers, src, out, list(run_args)
+
+    def check(self, settings: Any) -> None:
+        """The storage is PostgreSQL and the tracking URI a server (kube_tune_problem)."""
+        uri = os.environ.get("KUBE_MLFLOW_TRACKING_URI") or os.environ.get(
+            "MLFLOW_TRACKING_URI", ""
+        )
+        problem = kube_tune_problem(["--storage", settings.storage], uri)
+        if problem:
+            raise UserError(f"make kube-tune: {problem}. No Job was submitted.")
+
+    def command(self, worker: int, settings_json: str) -> tuple[list[str], dict[str, str]]:
+        """`mlflow run` of the Indexed Job: N pods, each with the settings."""
+        config = write_rendered(
+            lambda template: tune_job(template, self.workers, settings_json), self.out
+        )
+        experiment = json.loads(settings_json)["base"]["experiment_name"]
+        argv = [mlflow_command(), "run", str(self.src), "--backend", "kubernetes"]
+        argv += ["--backend-config", str(config), "-e", TUNE_ENTRY, "--build-image"]
+        return [*argv, "--experiment-name", experiment, *self.run_args], dict(os.environ)
+
+
+def kube_tune_main(argv: Sequence[str], workers: int, src: Path, out: Path) -> int:
+    """`make kube-tune WORKERS=N`: check, build the image of the code in src (the base
+    of MLflow's --build-image), then run engine.tune with KubeWorkers.
+
+    Args:
+        argv: engine.tune's tune and train flags (the hooks module is train).
+        workers: the Indexed Job's pods.
+        src: a checkout of the committed code (the Makefile's worktree of HEAD).
+        out: where the rendered Job template and backend config go.
+
+    Raises:
+        UserError: a study storage that is not PostgreSQL, or no tracking server;
+            before anything is built or submitted.
+    """
+    from engine import tune  # loaded only when tuning starts: the host stays light
+
+    uri = os.environ.get("KUBE_MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    problem = kube_tune_problem(argv, uri)
+    if problem:
+        raise UserError(f"make kube-tune: {problem}. Nothing was built or submitted.")
+    build_image(src, os.environ.get("BASE_IMAGE", ""))
+    launcher = KubeWorkers(workers, src, out)
+    return tune.main(["train", *argv, "--workers", str(workers)], launcher=launcher)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m host.tune --workers N --src DIR --out DIR TUNE_FLAGS`: make kube-tune's
+    door; a user's mistake exits 2 with one paragraph."""
+    # no abbreviations: a tune flag such as --seed must not pass for --src
+    parser = argparse.ArgumentParser(description="make kube-tune WORKERS=N", allow_abbrev=False)
+    parser.add_argument("--workers", default="1")
+    parser.add_argument("--src", type=Path, default=PROJECT_DIR)
+    parser.add_argument("--out", type=Path, required=True)
+    args, rest = parser.parse_known_args(argv)
+    workers = check_workers(args.workers)
+    try:
+        return kube_tune_main(rest, workers, args.src, args.out)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ engine trains with MultiWorkerMirroredStrategy and worker 0 logs the run (see
 engine.multiworker). On the host network (the default with a tracking server on this
 host's loopback) the workers listen on free ports of 127.0.0.1; otherwise they sit on
 one user-defined Docker network, DOCKER_WORKER_NETWORK (default mlflow-workers), and
-reach each other by container name.
+reach each other by container name. The run's status is the chief's outcome: each
+worker's `mlflow run` marks the run when it ends, so once all have ended the launcher
+sets it from worker 0's exit (settle_status), and so does `make run`'s exit status.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
+from typing import TextIO
 
 from engine.config import UserError
 from host.launch import Job
@@ -82,8 +85,31 @@ def worker_jobs(run_id: str, count: int) -> list[Job]:
 
 
 def outcome(jobs: list[Job]) -> Job:
-    """The job that says how the run went: the first that failed, else the chief."""
-    return next((job for job in jobs if job.exit_code), jobs[0])
+    """The job that says how the run went: the chief's (worker 0). A worker that fails
+    while training fails the chief's collectives too; one that fails after the chief has
+    registered the model does not undo it."""
+    return jobs[0]
+
+
+def settle_status(tracking_uri: str, run_id: str, chief: Job, out: TextIO) -> str:
+    """Make the run's status the chief's outcome once every container has ended:
+    FINISHED when the chief's exited 0, else FAILED. Each worker's `mlflow run` marks
+    the run when its own process ends, if no one has yet (the workers wait for the
+    chief to end it, engine.multiworker.wait_for_chief, but a chief killed outright, an
+    OOM kill, ends nothing itself).
+
+    Returns:
+        The run's status now.
+    """
+    from mlflow import MlflowClient  # seconds to import: only once the run has ended
+
+    client = MlflowClient(tracking_uri)
+    wanted = "FINISHED" if chief.exit_code == 0 else "FAILED"
+    found = client.get_run(run_id).info.status
+    if found != wanted:
+        client.set_terminated(run_id, wanted)
+        print(f"run {run_id} was {found}; its chief (worker 0) says {wanted}", file=out)
+    return wanted
 
 
 def slot_args(per_worker: list[dict[str, str]]) -> Callable[[int], Mapping[str, str]]:

@@ -29,14 +29,13 @@ from engine import provenance
 from engine.common import PROJECT_DIR
 from host.artifacts import local_folder
 from host.checkout import checkout_version
-from host.image import code_image_tag, read_image_tag
+from host.image import code_image_tag
 from host.plan import IMAGE_UID
+from tests.conftest import DEFAULT_BASE, run_id_in, run_in_project, say
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
-DEFAULT_BASE = "tensorflow/tensorflow:2.21.0-gpu"
-LOCAL_BASE = "py-tf2-base:bookworm-py311"
 TINY_RUN = [
     "-P",
     "data_source=demo",
@@ -51,133 +50,6 @@ TINY_RUN = [
     "-P",
     "epochs=1",
 ]
-
-
-def say(config: pytest.Config, line: str) -> None:
-    """Timings go to pytest's terminal output even when it captures the tests' output."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(f"\n[docker e2e] {line}")
-
-
-def docker_answers() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="module")
-def docker_engine(tmp_path_factory, pytestconfig):
-    """A running Docker engine: the one there is, or a dockerd this module starts and stops."""
-    if shutil.which("docker") is None:
-        pytest.skip("Docker is not installed (Debian: apt-get install docker.io)")
-    if docker_answers():
-        yield
-        return
-    if shutil.which("dockerd") is None or os.geteuid() != 0:
-        pytest.skip("Docker is installed but not running, and this user cannot start dockerd")
-    log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            ["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 60
-    while not docker_answers():
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            daemon.terminate()
-            pytest.skip(f"dockerd did not start here: {log.read_text()[-600:]}")
-        time.sleep(1)
-    say(pytestconfig, f"started dockerd (pid {daemon.pid})")
-    yield
-    daemon.terminate()  # exactly the daemon started above
-    daemon.wait(timeout=60)
-
-
-def base_image(config: pytest.Config) -> str:
-    """The Dockerfile's base when it is here or can be pulled, else the local Debian base."""
-    inspect = ["docker", "image", "inspect", DEFAULT_BASE]
-    if subprocess.run(inspect, capture_output=True).returncode == 0:
-        return DEFAULT_BASE
-    try:
-        pulled = subprocess.run(["docker", "pull", DEFAULT_BASE], capture_output=True, timeout=900)
-        if pulled.returncode == 0:
-            return DEFAULT_BASE
-    except subprocess.TimeoutExpired:
-        pass
-    started = time.monotonic()
-    made = subprocess.run(
-        ["bash", str(PROJECT_DIR / "tests" / "docker_base.sh"), LOCAL_BASE],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    say(
-        config,
-        f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
-        f"{time.monotonic() - started:.0f} s ({made.stdout.strip().splitlines()[-1]})",
-    )
-    return LOCAL_BASE
-
-
-@pytest.fixture(scope="module")
-def training_image(docker_engine, pytestconfig) -> dict[str, str]:
-    """`make build` on a reachable base; Docker's layer cache makes a rebuild take seconds."""
-    base = base_image(pytestconfig)
-    build_args = [] if base == DEFAULT_BASE else [f"BASE_IMAGE={base}"]
-    started = time.monotonic()
-    built = subprocess.run(
-        ["make", "-s", "build", *build_args],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    say(pytestconfig, f"make build {' '.join(build_args)}: {time.monotonic() - started:.0f} s")
-    tag = read_image_tag()
-    image_id = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", tag],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    return {"tag": tag, "id": image_id, "make_args": " ".join(build_args), "base": base}
-
-
-@pytest.fixture
-def storage(tmp_path) -> Path:
-    """A data folder owned by the user the container runs as (as a user's /storage is)."""
-    folder = tmp_path / "storage"
-    folder.mkdir()
-    if os.geteuid() == 0:
-        os.chown(folder, IMAGE_UID, IMAGE_UID)
-    return folder
-
-
-def run_in_project(
-    command: list[str],
-    mlflow_server: str,
-    storage: Path,
-    cwd: Path = PROJECT_DIR,
-    expect_ok: bool = True,
-    base: str = "",
-) -> tuple[str, float]:
-    """Run a command in a project folder against the server; its output and seconds."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE_DIR": str(storage)}
-    for name in ("MLFLOW_RUN_ID", "GPUS", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
-    if base:
-        env["BASE_IMAGE"] = "" if base == DEFAULT_BASE else base
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = done.stdout + done.stderr
-    assert (done.returncode == 0) is expect_ok, output[-6000:]
-    return output, time.monotonic() - started
 
 
 def seconds_until(command: list[str], marker: str, env: dict, cwd: Path) -> tuple[str, float]:
@@ -198,11 +70,6 @@ def seconds_until(command: list[str], marker: str, env: dict, cwd: Path) -> tupl
     output = "".join(lines)
     assert process.returncode == 0 and seen is not None, output[-6000:]
     return output, seen
-
-
-def run_id_in(output: str) -> str:
-    """The run id that train.py prints at its end."""
-    return next(line.split()[-1] for line in output.splitlines() if line.startswith("run_id:"))
 
 
 def assert_ran_the_code(run, folder: Path) -> None:

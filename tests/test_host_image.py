@@ -5,8 +5,12 @@ Kubernetes Job that MLflow's own code renders from kubernetes/."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import runpy
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -166,6 +170,85 @@ def test_kube_run_with_workers_renders_an_indexed_job_and_a_headless_service(mon
         cluster = cluster_from_env(pod_env)
         assert (cluster.workers, cluster.index) == (hosts, index)
         assert json.loads(pod_env["TF_CONFIG"])["task"] == {"type": "worker", "index": index}
+
+
+STUDY_DB = "postgresql://tuner@db.example/studies"
+
+
+def test_kube_tune_renders_an_indexed_job_of_tuning_workers(monkeypatch, tmp_path):
+    """make kube-tune WORKERS=3: `mlflow run --backend kubernetes` of the tuning worker,
+    whose Job template MLflow's own code renders as 3 pods, each with the study's
+    settings and its own worker number."""
+    pytest.importorskip("kubernetes", reason="pip install kubernetes (tests/requirements.txt)")
+    from mlflow.projects import _parse_kubernetes_config
+    from mlflow.projects import kubernetes as kb
+    from mlflow.projects.utils import get_entry_point_command, load_project
+
+    from host.tune import TUNE_ENTRY, KubeWorkers
+
+    settings = {"storage": STUDY_DB, "parent_run_id": "p1", "base": {"experiment_name": "e"}}
+    argv, _ = KubeWorkers(3, PROJECT_DIR, tmp_path).command(0, json.dumps(settings))
+    assert argv[1:5] == ["run", str(PROJECT_DIR), "--backend", "kubernetes"]
+    assert argv[argv.index("-e") + 1] == TUNE_ENTRY and "--build-image" in argv
+    assert argv[argv.index("--experiment-name") + 1] == "e"
+    config = json.loads(Path(argv[argv.index("--backend-config") + 1]).read_text())
+
+    monkeypatch.chdir(PROJECT_DIR)
+    project = load_project(str(PROJECT_DIR))
+    command = get_entry_point_command(project, TUNE_ENTRY, {}, None)
+    job = kb._get_kubernetes_job_definition(
+        project.name,
+        config["repository-uri"] + ":1a2b3c4",
+        "sha256:" + "0" * 64,
+        kb._get_run_command(command),
+        {"MLFLOW_RUN_ID": "job-run"},
+        _parse_kubernetes_config(config)["kube-job-template"],
+    )
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (3, 3, "Indexed")
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", TUNE_ENTRY]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # a GPU per worker
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert json.loads(env["TUNE_SETTINGS"]) == settings and env["MLFLOW_RUN_ID"] == "job-run"
+    # tuning workers share only the study: no training cluster, no Service
+    assert "TRAIN_WORKERS" not in env and "subdomain" not in pod
+
+    # each pod is the worker of its index
+    entry = runpy.run_path(str(PROJECT_DIR / TUNE_ENTRY))  # not __main__: defines, runs nothing
+    for index in ("0", "2"):
+        assert entry["worker_argv"]({"JOB_COMPLETION_INDEX": index}) == ["worker", "-", index]
+
+
+@pytest.mark.parametrize(
+    ("workers", "storage", "tracking", "says"),
+    [
+        ("two", STUDY_DB, "http://mlflow:5000", "WORKERS must be a positive whole number"),
+        ("2", "/storage/tune/studies.journal", "http://mlflow:5000", "the team PostgreSQL"),
+        ("2", "sqlite:///studies.db", "http://mlflow:5000", "the team PostgreSQL"),
+        ("2", STUDY_DB, "sqlite:///mlflow.db", "the pods need a tracking server"),
+    ],
+)
+def test_kube_tune_refuses_bad_input_before_building_anything(
+    fake_bin, tmp_path, workers, storage, tracking, says
+):
+    calls = tmp_path / "docker-calls"
+    fake_command(fake_bin, "docker", f'echo "$@" >> "{calls}"\n')
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    env.pop("KUBE_MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "host.tune", "--workers", workers, "--out", str(tmp_path)]
+        + ["--storage", storage, "--trials", "4"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in done.stderr and "\n" not in done.stderr.strip()
+    assert not calls.exists(), "an image was built before the input was checked"
 
 
 @pytest.mark.parametrize("workers", ["0", "two", "-1", ""])

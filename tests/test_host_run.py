@@ -6,6 +6,7 @@ over."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -400,3 +401,57 @@ def test_make_run_with_workers_starts_each_container_into_one_run(
         timeout=60,
     )
     assert refused.returncode == 2 and "set RETRIES=0" in refused.stderr
+
+
+class WorkerMlflowRun(FakeMlflowRun):
+    """A worker's `mlflow run`: when it ends, it marks the run with its own outcome, as
+    mlflow.projects._maybe_set_run_terminated does (MLflow 3.17 means to leave an ended
+    run alone, but compares the status string with RunStatus' numbers: it never does)."""
+
+    def __init__(self, run_id: str, code: int, polls: int, ends_run: str = ""):
+        super().__init__(code, polls)
+        self.run_id, self.ends_run = run_id, ends_run
+
+    def poll(self):
+        code = super().poll()
+        client = mlflow.MlflowClient()
+        if code is not None and self.ends_run:  # the engine's own end_run in the container
+            client.set_terminated(self.run_id, self.ends_run)
+            self.ends_run = ""
+        if code is not None:
+            client.set_terminated(self.run_id, "FINISHED" if code == 0 else "FAILED")
+        return code
+
+
+@pytest.mark.parametrize(
+    ("chief", "worker", "status"),
+    [
+        # the chief fails; worker 1, which waited for it to end the run, ends last and
+        # its `mlflow run` marks the run FINISHED
+        ((1, 1, "FAILED"), (0, 6, ""), "FAILED"),
+        # worker 1 ends first and marks the run FINISHED; the chief is then OOM-killed
+        ((137, 6, ""), (0, 1, ""), "FAILED"),
+        # worker 1 fails after training; the chief finishes and registers the model
+        ((0, 6, "FINISHED"), (1, 1, ""), "FINISHED"),
+    ],
+)
+def test_only_the_chief_decides_how_a_workers_run_ends(tracking_store, chief, worker, status):
+    from host.run import launch_workers
+
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("workers")).info.run_id
+    outcomes = {"0": chief, "1": worker}
+
+    def start(argv, env):
+        tf_config = next(a for a in argv if a.startswith("e="))
+        index = json.loads(shlex.split(tf_config[2:])[0].split("=", 1)[1])["task"]["index"]
+        code, polls, ends_run = outcomes[str(index)]
+        return WorkerMlflowRun(run_id, code, polls, ends_run)
+
+    plan = Plan(tracking_store, {"network": "host"})
+    out = io.StringIO()
+    job = launch_workers(plan, Job(run_id=run_id), 2, start=start, poll_seconds=0.01, out=out)
+    assert job.label == "[worker 0] " and job.exit_code == chief[0]
+    assert client.get_run(run_id).info.status == status
+    if chief[0] == 1:
+        assert f"run {run_id} was FINISHED; its chief (worker 0) says FAILED" in out.getvalue()

@@ -5,21 +5,27 @@ logical CPUs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from engine import multiworker
+import train
+from engine import multiworker, resuming
 from engine.config import UserError
 from engine.sources import make_demo_data
+from engine.stream import SplitRows
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +96,99 @@ def test_bad_distribute_value():
         tiny_config(distribute="sometimes").validate()
 
 
+def test_a_worker_waits_for_the_chief_to_end_the_run(tracking_store, capsys):
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("wait")).info.run_id
+    # nobody ends it: the wait runs out, with a warning, and the run stays RUNNING
+    assert not multiworker.wait_for_chief(run_id, timeout=0.3, poll=0.1)
+    assert "the chief did not end run" in capsys.readouterr().err
+    assert client.get_run(run_id).info.status == "RUNNING"
+    # the chief ends it a moment later: the worker leaves then, not before
+    chief = threading.Timer(1.0, client.set_terminated, (run_id, "FAILED"))
+    started = time.monotonic()
+    chief.start()
+    assert multiworker.wait_for_chief(run_id, timeout=60, poll=0.1)
+    assert 0.9 < time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("environ", "tags", "expected"),
+    [
+        # each worker its own train.py: the same command on every one
+        ({}, {}, "python train.py --resume-run-id {run} --checkpoint-dir /c  # on each of the 2"),
+        # make run WORKERS=2: MLflow Projects ran it in Docker
+        ({}, {"mlflow.project.env": "docker"}, 'make run WORKERS=2 ARGS="-P resume_run_id={run}'),
+        # make kube-run WORKERS=2: the Indexed Job's environment says so, server or not
+        ({"TRAIN_WORKERS": "2"}, {}, 'make kube-run WORKERS=2 ARGS="-P resume_run_id={run} -P'),
+    ],
+)
+def test_resume_command_under_several_workers(
+    tracking_store, monkeypatch, capsys, environ, tags, expected
+):
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("resume"), tags=tags).info.run_id
+    monkeypatch.setenv("TF_CONFIG", tf_config(["a:1", "b:2"], 0))
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    cfg = tiny_config(checkpoint_dir="/c")
+    with mlflow.start_run(run_id=run_id):
+        resuming.say_how_to_resume(run_id, cfg)
+    tag = client.get_run(run_id).data.tags["resume_command"]
+    assert tag.startswith(expected.format(run=run_id)), tag
+    err = capsys.readouterr().err
+    assert "resume it on the same 2 workers, all at once, with:" in err and tag in err
+    # one worker: the command as before
+    monkeypatch.delenv("TF_CONFIG")
+    assert resuming.resume_command(run_id, cfg, *resuming.how_it_ran(run_id)) == (
+        f"python train.py --resume-run-id {run_id} --checkpoint-dir /c"
+    )
+
+
+def streamed_training_split(demo_dir, cache_dir, monkeypatch, index: int):
+    """Worker `index` of 2's streamed training pipeline (memory budget 0): its images and
+    labels, and the pipeline."""
+    monkeypatch.setenv("TF_CONFIG", tf_config(["a:1", "b:2"], index))
+    cfg = tiny_config(
+        data_source="imagedir", data_dir=str(demo_dir), cache_dir=str(cache_dir), batch_size=16
+    )
+    train_ds, _, info = train.load_data(dataclasses.replace(cfg, memory_budget="0"))
+    assert info.pipeline_params["data_pipeline"] == "stream"
+    images = np.concatenate([x.numpy() for x, _ in train_ds])
+    return images, train_ds, info
+
+
+def test_each_streamed_worker_reads_only_its_share(demo_dir, tmp_path, monkeypatch):
+    """Under two workers the streamed training split of each holds only its half, in
+    batches of half the global batch; no auto-shard then reads and drops the rest."""
+    read = {}
+    original = SplitRows.read
+
+    def counting(self, positions):
+        read[index] = read.get(index, 0) + len(positions)
+        return original(self, positions)
+
+    monkeypatch.setattr(SplitRows, "read", counting)
+    shares = []
+    for index in (0, 1):
+        images, train_ds, info = streamed_training_split(demo_dir, tmp_path, monkeypatch, index)
+        shares.append({image.tobytes() for image in images})
+        assert len(images) == info.train_count // 2 and read[index] == len(images)
+        assert max(len(y) for _, y in train_ds) == 8  # half the global batch of 16
+        assert multiworker.shard(train_ds, multiworker.cluster_from_env()) is train_ds
+    assert not shares[0] & shares[1]  # two halves of one split
+    monkeypatch.delenv("TF_CONFIG")
+    train_ds, _, info = train.load_data(
+        tiny_config(
+            data_source="imagedir",
+            data_dir=str(demo_dir),
+            cache_dir=str(tmp_path),
+            memory_budget="0",
+        )
+    )
+    whole = {image.tobytes() for x, _ in train_ds for image in x.numpy()}
+    assert shares[0] | shares[1] <= whole and len(whole) - len(shares[0] | shares[1]) < 2
+
+
 # ---------------------------------------------------------------- slow: processes
 
 
@@ -127,6 +226,7 @@ import hashlib, json, os, signal, sys
 import keras, numpy as np
 import train
 from engine.training import run_training
+import train
 from tests.conftest import tiny_config
 
 class Watch(keras.callbacks.Callback):
@@ -220,8 +320,17 @@ def logged_once(client: MlflowClient, run_id: str, epochs: int) -> None:
         assert sorted(steps) == list(range(1, epochs + 1)), (name, steps)
 
 
+# the in-memory pipeline (every worker holds the set; DATA auto-shard), and the streamed
+# one (memory budget 0: each worker reads only its rows from the shared cache)
+PIPELINES = {
+    "memory": {"cache": False},
+    "stream": {"memory_budget": "0"},
+}
+
+
 @pytest.mark.slow
-def test_two_workers_train_into_one_run(tmp_path, mlflow_server):
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_two_workers_train_into_one_run(tmp_path, mlflow_server, pipeline):
     data = tmp_path / "demo"
     make_demo_data(data, samples=48, image_size=32, seed=1)
     run_id = new_run(mlflow_server)
@@ -230,7 +339,8 @@ def test_two_workers_train_into_one_run(tmp_path, mlflow_server):
         "epochs": 3,
         "data_source": "imagedir",
         "data_dir": str(data),
-        "cache": False,
+        "cache_dir": str(tmp_path / "cache"),
+        **PIPELINES[pipeline],
         "registered_model_name": model_name,
         "checkpoint_dir": str(tmp_path / "checkpoints"),
     }
@@ -239,13 +349,14 @@ def test_two_workers_train_into_one_run(tmp_path, mlflow_server):
     assert codes == [0, 0], logs
     client = MlflowClient(mlflow_server)
     seconds = [round(m.value, 1) for m in client.get_metric_history(run_id, "epoch_seconds")]
-    print(f"two workers, 3 epochs: {max(ended.values()):.0f} s in all, epochs {seconds} s")
+    print(f"two workers, {pipeline}, 3 epochs: {max(ended.values()):.0f} s, epochs {seconds} s")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["replicas"] == "2"
     assert run.data.params["global_batch_size"] == "16"  # 8 per worker
     # tf.distribute.MultiWorkerMirroredStrategy is this class
     assert run.data.params["distribute_strategy"] == "CollectiveAllReduceStrategy"
+    assert run.data.params["data_pipeline"] == pipeline
     logged_once(client, run_id, 3)
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
     nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import graphlib
 import itertools
+import os
 import shlex
 import signal
 import socket
@@ -294,6 +295,24 @@ def test_a_study_on_real_postgresql(tracking_store, tmp_path, demo_flags):
         assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     finally:
         server.cleanup()
+
+
+def test_a_worker_under_a_kubernetes_jobs_run_files_it_under_the_parent(
+    tracking_store, monkeypatch
+):
+    """make kube-tune: MLflow's Kubernetes backend gives every pod its Job's run
+    (MLFLOW_RUN_ID); a worker files that run under the study's parent run and trains
+    its trials as runs of their own, not into it."""
+    from engine.tune.worker import adopt_job_run
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("kube-tune")
+    parent, job = (client.create_run(experiment).info.run_id for _ in range(2))
+    monkeypatch.setenv("MLFLOW_RUN_ID", job)
+    adopt_job_run(parent)
+    assert "MLFLOW_RUN_ID" not in os.environ
+    tags = client.get_run(job).data.tags
+    assert (tags["mlflow.parentRunId"], tags["tune.role"]) == (parent, "workers")
 
 
 # ---------------------------------------------------------------- Docker workers (no Docker)

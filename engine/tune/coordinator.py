@@ -57,7 +57,8 @@ def open_study(
         hooks_dir = Path(importlib.import_module(settings.hooks).__file__).resolve().parent
         launcher = LocalWorkers(hooks_dir)
     launcher.check(settings)
-    check_data_once(settings)
+    if getattr(launcher, "data_here", True):  # make kube-tune's data is on the cluster
+        check_data_once(settings)
     study = make_study(settings)
     if study.direction.name.lower() != settings.direction:
         raise UserError(

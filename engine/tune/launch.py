@@ -58,10 +58,11 @@ def relay(stream: IO[str], prefix: str) -> None:
 def start_workers(
     launcher: Launcher, settings: TuneSettings, workers: int
 ) -> list[subprocess.Popen]:
-    """Start K workers with the launcher, their output relayed with a [worker N] prefix."""
+    """Start K workers with the launcher, their output relayed with a [worker N] prefix.
+    A launcher whose `processes` is 1 starts them all in one (make kube-tune's Job)."""
     settings_json = json.dumps(dataclasses.asdict(settings))
     processes = []
-    for worker in range(workers):
+    for worker in range(min(workers, getattr(launcher, "processes", workers))):
         command, env = launcher.command(worker, settings_json)
         process = subprocess.Popen(
             command,

@@ -44,7 +44,10 @@ class Launcher(Protocol):
 
     engine.tune.launch.LocalWorkers (the default) starts each worker as a process on
     this machine; the host's DockerWorkers (`make tune-docker`) as a container. The
-    engine only calls these two methods, and never imports the host.
+    engine only calls these two methods, and never imports the host. Two optional
+    attributes: `processes` (1: one command starts every worker, as the host's
+    KubeWorkers' Indexed Job does) and `data_here` (False: the data is not on this
+    machine, so the study does not load it once before the workers start).
     """
 
     def check(self, settings: TuneSettings) -> None:

@@ -83,6 +83,17 @@ def run_trial(trial: optuna.Trial, settings: TuneSettings, hooks: tuple) -> tupl
     return float(result.metrics[settings.metric]), pruning.pruned_epoch
 
 
+def adopt_job_run(parent_run_id: str) -> None:
+    """A worker started under a run of its own (MLFLOW_RUN_ID: the run MLflow's
+    Kubernetes backend made for make kube-tune's Job) files that run under the study's
+    parent run, and trains its trials as new runs, not into that one."""
+    job_run_id = os.environ.pop("MLFLOW_RUN_ID", "")
+    if job_run_id and parent_run_id and job_run_id != parent_run_id:
+        tags = {"mlflow.parentRunId": parent_run_id, "tune.role": "workers"}
+        for key, value in tags.items():
+            mlflow.MlflowClient().set_tag(job_run_id, key, value)
+
+
 def worker_main(settings_file: str, worker: int) -> int:
     """One long-lived worker: take the next trial as soon as the last one ends.
 
@@ -99,6 +110,7 @@ def worker_main(settings_file: str, worker: int) -> int:
     text = os.environ[SETTINGS_ENV] if settings_file == "-" else Path(settings_file).read_text()
     settings = TuneSettings(**json.loads(text))
     hooks = load_hooks(settings.hooks)
+    adopt_job_run(settings.parent_run_id)
     study = make_study(settings, worker)
     done = 0
     while len(study.get_trials(deepcopy=False, states=STARTED)) < settings.stop_at:
