@@ -84,6 +84,15 @@ def build_network(
         raise UserError(
             f"define_network{(input_shape, num_classes)} failed: {err}\n{CONTRACT}"
         ) from err
+    except Exception as err:  # keras.utils.get_file raises a bare Exception when offline
+        if "URL fetch failure" not in str(err):
+            raise
+        raise UserError(
+            f"define_network could not download what it needs: {err}. Check the network "
+            "(and HTTPS_PROXY), or put the file where Keras looks (~/.keras/models/), or "
+            "train a network that needs no download (the example: --weights none, or "
+            "--convolutions 3)."
+        ) from None
     if not isinstance(model, keras.Model):
         raise UserError(f"define_network returned {type(model).__name__}, not a model. {CONTRACT}")
     head = check_outputs(model, input_shape, num_classes)

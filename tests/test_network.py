@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import train
+from engine.config import UserError
 from engine.network import build_network
 from tests.conftest import tiny_config
 
@@ -52,3 +53,26 @@ def test_vgg16_transfer_learning_freezes_the_base(fine_tune_layers):
     expected = [layer.name for layer in base.layers[-fine_tune_layers:] if layer.weights]
     assert trainable == (expected if fine_tune_layers else [])
     assert model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0).shape == (2, 3)
+
+
+def test_weights_that_cannot_be_downloaded_are_one_paragraph(tmp_path, monkeypatch):
+    """Offline, keras.applications' download raises a bare Exception: it becomes a
+    UserError that says what to do, not a traceback."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # nothing cached there
+
+    def needs_a_download(input_shape, num_classes, cfg):
+        keras.utils.get_file("weights.h5", "http://127.0.0.1:9/weights.h5")  # port 9: refused
+
+    with pytest.raises(UserError) as caught:
+        build_network(needs_a_download, (32, 32, 3), 2, tiny_config())
+    message = str(caught.value)
+    assert "could not download" in message and "127.0.0.1:9" in message
+    assert "--weights none" in message
+
+
+def test_other_errors_of_define_network_are_not_hidden():
+    def broken(input_shape, num_classes, cfg):
+        raise RuntimeError("a bug in the fork's code")
+
+    with pytest.raises(RuntimeError, match="a bug in the fork"):
+        build_network(broken, (32, 32, 3), 2, tiny_config())
