@@ -28,6 +28,9 @@ from cleanlab.filter import find_label_issues
 ARTIFACT = "data_check.json"  # in the run's artifact root
 KEYS = ("groups_across_splits", "label_conflicts", "near_duplicate_groups", "likely_label_errors")
 METRIC = "data_likely_label_errors"
+# Below this share of the way from the largest class's rate to perfect accuracy, a model's
+# disagreements with the labels are its own errors, and nothing is listed.
+CHANCE_MARGIN = 0.25
 
 
 @dataclass
@@ -87,6 +90,14 @@ def rank_label_errors(found: Predictions, class_names: list[str]) -> tuple[list[
     labels, probs = found.labels, found.probs
     if len(labels) < 2 or len(np.unique(labels)) < 2:
         return [], f"too few images for confident learning ({len(labels)}, classes present < 2)"
+    accuracy = float((probs.argmax(1) == labels).mean())
+    largest = float(np.bincount(labels).max() / len(labels))
+    if accuracy <= largest + CHANCE_MARGIN * (1 - largest):
+        return [], (
+            f"not listed: the model is barely better than always answering the largest class "
+            f"on these images (accuracy {accuracy:.2f} against {largest:.2f}), so where it "
+            "disagrees with a label says nothing about the label; train it further first"
+        )
     try:
         with warnings.catch_warnings():  # "too few examples in class k" on small splits
             warnings.simplefilter("ignore")
