@@ -214,7 +214,8 @@ def check_data(client: mlflow.MlflowClient, source: Source, allow_change: bool) 
             "the data is checked after training, by the two runs' dataset digests"
         )
         return {"checked": False, "digest": digest}
-    check = run_record.data_changes(record, digest or record.get("digest", ""))
+    started = source.run.info.start_time / 1000
+    check = run_record.data_changes(record, digest or record.get("digest", ""), started)
     answer = {"checked": True, "digest": check.recorded_digest, "digest_now": check.digest_now}
     if check.same:
         return answer

@@ -93,12 +93,16 @@ class DataCheck:
         return "; ".join(parts) or "no file differs"
 
 
-def data_changes(record: dict, recorded_digest: str) -> DataCheck:
+def data_changes(record: dict, recorded_digest: str, since: float = 0.0) -> DataCheck:
     """Recompute the dataset digest from the files now, and name what differs.
 
     Args:
         record: the run's lineage.json.
         recorded_digest: the digest of the run's MLflow dataset.
+        since: when the run started (seconds since the epoch). A file in the data's
+            folder that the run did not list counts as added only when it was modified
+            after that: older ones were there and left out on purpose (a fork's load_data
+            that takes a subset, an unreadable file skipped).
 
     Returns:
         The check: files changed (another size or modification time), removed, and added
@@ -119,7 +123,11 @@ def data_changes(record: dict, recorded_digest: str) -> DataCheck:
     folder = record.get("source", "")
     if folder and Path(folder).is_dir():
         listed = {os.path.abspath(path) for path, _, _, _ in rows}
-        check.added = [p for p in image_files(folder) if os.path.abspath(p) not in listed]
+        check.added = [
+            p
+            for p in image_files(folder)
+            if os.path.abspath(p) not in listed and os.stat(p).st_mtime > since
+        ]
     return check
 
 

@@ -192,6 +192,12 @@ def test_the_digest_check_computes_the_training_digest(tmp_path):
     (tmp_path / "d" / "uninfected" / "new.png").write_bytes(Path(paths[1]).read_bytes())
     check = run_record.data_changes(record, digest)
     assert check.removed == [paths[0]] and check.added[0].endswith("new.png")
+    # a file that was there before the run and left out of it (a fork's subset) is not new
+    older = tmp_path / "d" / "uninfected" / "unused.png"
+    older.write_bytes(Path(paths[1]).read_bytes())
+    os.utime(older, (1_000_000, 1_000_000))
+    check = run_record.data_changes(record, digest, since=2_000_000)
+    assert [Path(p).name for p in check.added] == ["new.png"]
 
 
 def test_the_verdict_exact_within_and_no():
