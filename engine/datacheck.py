@@ -70,7 +70,7 @@ def clusters(records: np.ndarray) -> np.ndarray:
     """A cluster id per image: exact and near duplicates share one; uniform images are
     each their own."""
     live = np.flatnonzero(records["std"] >= UNIFORM_STD)
-    near = near_pairs(records["phash"][live], records["thumb"][live])
+    near = near_pairs(*(records[name][live] for name in ("phash", "crops", "thumb")))
     pairs = np.concatenate([_star(records["exact"], live), live[near]]).astype(np.int64)
     return components(len(records), pairs)
 

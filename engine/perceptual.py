@@ -40,23 +40,55 @@ HASH_SIZE = 32  # images are box-resampled to this before the DCT
 MAX_DISTANCE = 7  # bits of 64 two near duplicates' pHashes may differ in
 BANDS = 4
 CHUNK = 2048  # images hashed at a time (a few MB of float32)
-MIN_CORRELATION = 0.99  # of two candidates' THUMB x THUMB gray thumbnails, to count as near
-THUMB = 16
+CROP = 0.045  # each side a crop variant's pHash leaves out, as a fraction of the side
+# the sides (left, top, right, bottom) each crop variant leaves CROP of: all, one, two adjacent
+VARIANTS = ((1, 1, 1, 1), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1),
+            (1, 1, 0, 0), (0, 1, 1, 0), (0, 0, 1, 1), (1, 0, 0, 1))  # fmt: skip
+THUMB = 24  # side of the RGB thumbnails candidates are verified on
+SHIFTS = (0.0, 1 / 60, 2 / 60, 3 / 60)  # crops per side tried in alignment (of the side)
+MIN_PLAIN = 0.99  # of two candidates' unaligned 16 px gray thumbnails, to count as near
+MIN_CORRELATION = 0.990  # of two candidates' best-aligned RGB thumbnails, to count as near
 RECORD = np.dtype(
-    [("exact", "<u8"), ("phash", "<u8"), ("std", "<f4"), ("mean", "<f4"), ("thumb", "u1", THUMB**2)]
+    [
+        ("exact", "<u8"),
+        ("phash", "<u8"),
+        ("crops", "<u8", len(VARIANTS)),
+        ("std", "<f4"),
+        ("mean", "<f4"),
+        ("thumb", "u1", (THUMB, THUMB, 3)),
+    ]
 )
 
 
 @cache
-def _box(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) matrix that averages the input pixels each output pixel covers."""
-    edges = np.linspace(0, size_in, size_out + 1)
+def _box(size_in: int, size_out: int, lo: float = 0.0, hi: float = 0.0) -> np.ndarray:
+    """(size_out, size_in) matrix that averages the input pixels each output pixel covers,
+    of the window that leaves out the fractions lo and hi of the side at either end."""
+    edges = np.linspace(lo * size_in, size_in * (1 - hi), size_out + 1)
     centers = np.arange(size_in) + 0.5
     matrix = (centers[None, :] >= edges[:-1, None]) & (centers[None, :] < edges[1:, None])
     matrix = matrix.astype(np.float32)
     empty = matrix.sum(1) == 0  # upsampling: take the nearest input pixel
     matrix[empty, np.minimum((edges[:-1][empty]).astype(int), size_in - 1)] = 1
     return matrix / matrix.sum(1, keepdims=True)
+
+
+@cache
+def _windows() -> np.ndarray:
+    """(len(SHIFTS)**2, THUMB, THUMB) bilinear matrices, one per (lo, hi) crop of SHIFTS:
+    each resamples a thumbnail's window that leaves out lo and hi of the side to THUMB."""
+    position = (np.arange(THUMB) + 0.5) / THUMB
+    matrices = []
+    for lo in SHIFTS:
+        for hi in SHIFTS:
+            source = np.clip((lo + position * (1 - lo - hi)) * THUMB - 0.5, 0, THUMB - 1)
+            left = np.floor(source).astype(int)
+            right = np.minimum(left + 1, THUMB - 1)
+            matrix = np.zeros((THUMB, THUMB), np.float32)
+            np.add.at(matrix, (np.arange(THUMB), left), 1 - (source - left))
+            np.add.at(matrix, (np.arange(THUMB), right), source - left)
+            matrices.append(matrix)
+    return np.stack(matrices)
 
 
 @cache
@@ -94,19 +126,30 @@ def _chunk(images: np.ndarray) -> np.ndarray:
         int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "little")
         for image in contiguous
     ]
-    gray = contiguous.astype(np.float32)
-    if gray.ndim == 4:
-        gray = gray.mean(axis=3)
+    colour = contiguous.astype(np.float32)
+    if colour.ndim == 3:
+        colour = colour[..., None]
+    gray = colour.mean(axis=3)
     out["std"] = gray.std(axis=(1, 2))
     out["mean"] = gray.mean(axis=(1, 2))
     height, width = gray.shape[1:]
-    small = _box(height, HASH_SIZE) @ gray @ _box(width, HASH_SIZE).T
-    freq = (_dct8() @ small @ _dct8().T).reshape(len(images), 64)
-    median = np.median(freq[:, 1:], axis=1, keepdims=True)
-    out["phash"] = _pack(freq > median)
-    thumb = _box(height, THUMB) @ gray @ _box(width, THUMB).T
-    out["thumb"] = np.rint(thumb).reshape(len(images), -1).astype(np.uint8)
+    out["phash"] = _phash(_box(height, HASH_SIZE) @ gray @ _box(width, HASH_SIZE).T)
+    # the variants' rows first: 4 row windows serve all of them, one product each
+    rows = {(top, bottom): _box(height, HASH_SIZE, top * CROP, bottom * CROP) @ gray
+            for top in (0, 1) for bottom in (0, 1)}  # fmt: skip
+    for k, (left, top, right, bottom) in enumerate(VARIANTS):
+        cols = _box(width, HASH_SIZE, left * CROP, right * CROP)
+        out["crops"][:, k] = _phash(rows[top, bottom] @ cols.T)
+    colour = colour[..., :3] if colour.shape[3] >= 3 else colour[..., :1].repeat(3, 3)
+    thumb = _box(height, THUMB) @ colour.transpose(0, 3, 1, 2) @ _box(width, THUMB).T
+    out["thumb"] = np.rint(thumb.transpose(0, 2, 3, 1)).astype(np.uint8)
     return out
+
+
+def _phash(small: np.ndarray) -> np.ndarray:
+    """(n, HASH_SIZE, HASH_SIZE) gray -> (n,) pHashes."""
+    freq = (_dct8() @ small @ _dct8().T).reshape(len(small), 64)
+    return _pack(freq > np.median(freq[:, 1:], axis=1, keepdims=True))
 
 
 def popcount(values: np.ndarray) -> np.ndarray:
@@ -114,35 +157,18 @@ def popcount(values: np.ndarray) -> np.ndarray:
     return np.bitwise_count(values)
 
 
-def near_pairs(phash: np.ndarray, thumb: np.ndarray) -> np.ndarray:
-    """Index pairs (i < j) whose pHashes differ in <= MAX_DISTANCE bits and whose
-    thumbnails correlate at MIN_CORRELATION or more.
+def near_pairs(phash: np.ndarray, crops: np.ndarray, thumb: np.ndarray) -> np.ndarray:
+    """Index pairs (i < j) whose pHashes differ in <= MAX_DISTANCE bits (or i's from one of
+    j's crop variants', or j's from i's), and whose thumbnails, best aligned, correlate at
+    MIN_CORRELATION or more.
 
     Returns:
         (m, 2) int64.
     """
-    unique, inverse = np.unique(phash, return_inverse=True)
-    width = 64 // BANDS
-    mask = np.uint64((1 << width) - 1)
-    candidates = []
-    for band in range(BANDS):
-        values = (unique >> np.uint64(band * width)) & mask
-        order = np.argsort(values, kind="stable")
-        ordered = values[order]
-        for flip in [0, *(1 << b for b in range(width))]:
-            wanted = values ^ np.uint64(flip)
-            lo = np.searchsorted(ordered, wanted, "left")
-            hi = np.searchsorted(ordered, wanted, "right")
-            counts = hi - lo
-            query = np.repeat(np.arange(len(unique)), counts)
-            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            found = order[np.repeat(lo, counts) + offsets]
-            keep = query < found
-            query, found = query[keep], found[keep]
-            near = popcount(unique[query] ^ unique[found]) <= MAX_DISTANCE
-            candidates.append(query[near] * len(unique) + found[near])
-    pairs = np.unique(np.concatenate(candidates))
-    pairs = np.stack([pairs // len(unique), pairs % len(unique)], 1)
+    unique, first, inverse = np.unique(phash, return_index=True, return_inverse=True)
+    table = np.concatenate([unique[:, None], crops[first]], 1).ravel()
+    owner = np.repeat(np.arange(len(unique)), 1 + crops.shape[1])
+    pairs = _hash_pairs(unique, table, owner)
     # back from unique hashes to images: every image of one hash with every one of the other
     members = _members(inverse, len(unique))
     image_pairs = [_cross(members[a], members[b]) for a, b in pairs.tolist()]
@@ -150,7 +176,111 @@ def near_pairs(phash: np.ndarray, thumb: np.ndarray) -> np.ndarray:
     if not image_pairs:
         return np.empty((0, 2), np.int64)
     found = np.concatenate(image_pairs)
-    return found[correlation(thumb[found[:, 0]], thumb[found[:, 1]]) >= MIN_CORRELATION]
+    keep = np.concatenate(
+        [
+            _same(thumb[part[:, 0]], thumb[part[:, 1]])
+            for part in np.array_split(found, max(1, len(found) // 1024))
+        ]
+    )
+    return found[keep]
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether each thumbnail pair is a near duplicate: unaligned 16 px gray thumbnails
+    that correlate at MIN_PLAIN (re-encoded, resized, brightened copies; the check before
+    crops were searched), or RGB thumbnails that do at MIN_CORRELATION best aligned."""
+    box = _box(THUMB, 16)
+    gray_a = (box @ a.mean(3, dtype=np.float32) @ box.T).reshape(len(a), -1)
+    gray_b = (box @ b.mean(3, dtype=np.float32) @ box.T).reshape(len(b), -1)
+    plain = correlation(gray_a, gray_b) >= MIN_PLAIN
+    if plain.all():
+        return plain
+    aligned = np.zeros(len(a), bool)
+    aligned[~plain] = aligned_correlation(a[~plain], b[~plain]) >= MIN_CORRELATION
+    return plain | aligned
+
+
+def _hash_pairs(query: np.ndarray, table: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Pairs (a < b) of query positions where query[a] is within MAX_DISTANCE bits of a
+    table hash of owner b, or query[b] of one of a's: multi-index hashing (see above)."""
+    width = 64 // BANDS
+    mask = np.uint64((1 << width) - 1)
+    candidates = []
+    for band in range(BANDS):
+        shift = np.uint64(band * width)
+        values = (table >> shift) & mask
+        order = np.argsort(values, kind="stable")
+        ordered = values[order]
+        wanted_band = (query >> shift) & mask
+        for flip in [0, *(1 << b for b in range(width))]:
+            wanted = wanted_band ^ np.uint64(flip)
+            lo = np.searchsorted(ordered, wanted, "left")
+            hi = np.searchsorted(ordered, wanted, "right")
+            counts = hi - lo
+            at = np.repeat(np.arange(len(query)), counts)
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            entry = order[np.repeat(lo, counts) + offsets]
+            other = owner[entry]
+            keep = at != other
+            at, entry, other = at[keep], entry[keep], other[keep]
+            near = popcount(query[at] ^ table[entry]) <= MAX_DISTANCE
+            low, high = np.minimum(at, other)[near], np.maximum(at, other)[near]
+            candidates.append(low * len(query) + high)
+    pairs = np.unique(np.concatenate(candidates))
+    return np.stack([pairs // len(query), pairs % len(query)], 1)
+
+
+def aligned_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The best Pearson correlation of each RGB thumbnail of a with the same one of b, over
+    alignments: one of them cropped by SHIFTS at each side and resampled (brightness and
+    contrast left out; a cropped copy aligns with its original).
+
+    Why a search: a crop of a few pixels moves every edge of a thumbnail, and the plain
+    correlation of such a copy falls below that of two look-alike distinct images. The
+    crops of rows and of columns are chosen in turn on gray (rows, columns, rows again:
+    3 x 16 tries, not 16 x 16), each way round, and the pair is judged on colour.
+
+    Args:
+        a, b: (m, THUMB, THUMB, 3) uint8.
+
+    Returns:
+        (m,) float32.
+    """
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    best = np.full(len(a), -1.0, np.float32)
+    for x, y in ((a, b), (b, a)):
+        rows, cols = _align(x.mean(3), y.mean(3))
+        windows = _windows()
+        planes = x.transpose(0, 3, 1, 2)
+        moved = windows[rows][:, None] @ planes @ windows[cols].transpose(0, 2, 1)[:, None]
+        target = y.transpose(0, 3, 1, 2).reshape(len(a), -1)
+        best = np.maximum(best, correlation(moved.reshape(len(a), -1), target))
+    return best
+
+
+def _align(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each gray thumbnail of x, the row and column windows (indices of _windows())
+    that resample it closest to the same one of y."""
+    windows = _windows()
+    rows = np.zeros(len(x), int)
+    cols = np.zeros(len(x), int)
+    target = _normalized(y.reshape(len(y), 1, -1))
+    for axis in (0, 1, 0):
+        if axis == 0:
+            tries = windows[None] @ (x @ windows[cols].transpose(0, 2, 1))[:, None]
+        else:
+            tries = (windows[rows] @ x)[:, None] @ windows.transpose(0, 2, 1)[None]
+        score = (_normalized(tries.reshape(len(x), len(windows), -1)) * target).sum(2)
+        if axis == 0:
+            rows = score.argmax(1)
+        else:
+            cols = score.argmax(1)
+    return rows, cols
+
+
+def _normalized(values: np.ndarray) -> np.ndarray:
+    values = values - values.mean(-1, keepdims=True)
+    return values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), 1e-6)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:

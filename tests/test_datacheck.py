@@ -21,8 +21,11 @@ from PIL import Image
 import train
 from engine import sources as src
 from engine.config import UserError
+from engine.datacheck import clusters
 from engine.datacheck_log import before_run
+from engine.file_sources import make_demo_data
 from engine.images import DataInfo, arrays_pipeline, split_indices
+from engine.perceptual import fingerprints
 from tests.conftest import engine_config, tiny_config, train_and_log
 
 
@@ -282,3 +285,47 @@ def test_a_table_split_wins_and_its_crossing_duplicates_are_reported_and_refused
     assert "(across the source's splits)" in check.summary
     with pytest.raises(UserError, match="copy1.png \\(cats, test\\)"):
         before_run(info, engine_config(data_check="strict"))
+
+
+def cropped(image: np.ndarray, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    """The image less these pixels at each side, resized back to its size."""
+    size = image.shape[0]
+    window = Image.fromarray(image[top : size - bottom, left : size - right])
+    return np.asarray(window.resize((size, size), Image.BILINEAR))
+
+
+def demo_cells(folder, count: int) -> np.ndarray:
+    """`count` of the demo's look-alike 64 px cells (make_demo_data), as one array."""
+    make_demo_data(folder, count, 64)
+    files = sorted(folder.glob("*/*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+COPIES = {
+    "jpeg": lambda a: np.asarray(jpeg(Image.fromarray(a))),
+    "resized": lambda a: np.asarray(Image.fromarray(a).resize((48, 48)).resize((64, 64))),
+    "brighter": lambda a: np.asarray(brighter(Image.fromarray(a))),
+    "2 px a side": lambda a: cropped(a, 2, 2, 2, 2),
+    "2 px left": lambda a: cropped(a, 2, 0, 0, 0),
+    "5% a side": lambda a: cropped(a, 3, 3, 3, 3),
+    "5% right": lambda a: cropped(a, 0, 0, 3, 0),
+    "5% top and left": lambda a: cropped(a, 3, 3, 0, 0),
+    "5% a side, jpeg": lambda a: np.asarray(jpeg(Image.fromarray(cropped(a, 3, 3, 3, 3)))),
+}
+
+
+def test_cropped_copies_are_found_beside_reencoded_ones_and_look_alikes_kept_apart(tmp_path):
+    cells = demo_cells(tmp_path, 300)
+    copies = np.stack([copy(cells[10 * k]) for k, copy in enumerate(COPIES.values())])
+    records = fingerprints(np.concatenate([cells, copies]))
+    cluster = clusters(records)
+    for k, kind in enumerate(COPIES):
+        assert cluster[len(cells) + k] == cluster[10 * k], kind
+    sizes = np.bincount(cluster)
+    assert sorted(sizes[sizes > 1]) == [2] * len(COPIES)  # the planted pairs, nothing else
+
+
+@pytest.mark.slow
+def test_no_false_groups_among_thousands_of_look_alike_demo_cells(tmp_path):
+    cells = demo_cells(tmp_path, 2000)
+    assert len(np.unique(clusters(fingerprints(cells)))) == len(cells)
