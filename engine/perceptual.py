@@ -46,8 +46,8 @@ VARIANTS = ((1, 1, 1, 1), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)
             (1, 1, 0, 0), (0, 1, 1, 0), (0, 0, 1, 1), (1, 0, 0, 1))  # fmt: skip
 THUMB = 24  # side of the RGB thumbnails candidates are verified on
 SHIFTS = (0.0, 1 / 60, 2 / 60, 3 / 60)  # crops per side tried in alignment (of the side)
-MIN_PLAIN = 0.99  # of two candidates' unaligned 16 px gray thumbnails, to count as near
-MIN_CORRELATION = 0.990  # of two candidates' best-aligned RGB thumbnails, to count as near
+MAX_MISFIT = 0.25  # 1 - two near duplicates' aligned gray correlation, over their fineness
+COLOUR_SHIFT = 0.1  # most colour shift (see aligned_scores) two near duplicates may have
 RECORD = np.dtype(
     [
         ("exact", "<u8"),
@@ -159,8 +159,7 @@ def popcount(values: np.ndarray) -> np.ndarray:
 
 def near_pairs(phash: np.ndarray, crops: np.ndarray, thumb: np.ndarray) -> np.ndarray:
     """Index pairs (i < j) whose pHashes differ in <= MAX_DISTANCE bits (or i's from one of
-    j's crop variants', or j's from i's), and whose thumbnails, best aligned, correlate at
-    MIN_CORRELATION or more.
+    j's crop variants', or j's from i's), and whose thumbnails tell them copies (_same).
 
     Returns:
         (m, 2) int64.
@@ -176,28 +175,31 @@ def near_pairs(phash: np.ndarray, crops: np.ndarray, thumb: np.ndarray) -> np.nd
     if not image_pairs:
         return np.empty((0, 2), np.int64)
     found = np.concatenate(image_pairs)
-    keep = np.concatenate(
-        [
-            _same(thumb[part[:, 0]], thumb[part[:, 1]])
-            for part in np.array_split(found, max(1, len(found) // 1024))
-        ]
-    )
-    return found[keep]
+    parts = np.array_split(found, max(1, len(found) // 1024))  # bounds the alignment's memory
+    return found[np.concatenate([_same(thumb[i], thumb[j]) for i, j in map(np.transpose, parts)])]
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Whether each thumbnail pair is a near duplicate: unaligned 16 px gray thumbnails
-    that correlate at MIN_PLAIN (re-encoded, resized, brightened copies; the check before
-    crops were searched), or RGB thumbnails that do at MIN_CORRELATION best aligned."""
-    box = _box(THUMB, 16)
-    gray_a = (box @ a.mean(3, dtype=np.float32) @ box.T).reshape(len(a), -1)
-    gray_b = (box @ b.mean(3, dtype=np.float32) @ box.T).reshape(len(b), -1)
-    plain = correlation(gray_a, gray_b) >= MIN_PLAIN
-    if plain.all():
-        return plain
-    aligned = np.zeros(len(a), bool)
-    aligned[~plain] = aligned_correlation(a[~plain], b[~plain]) >= MIN_CORRELATION
-    return plain | aligned
+    """Whether each thumbnail pair is a near duplicate: best aligned, alike in gray within
+    MAX_MISFIT of their own fineness, and of one colour (COLOUR_SHIFT).
+
+    Why relative to fineness: what a copy loses (JPEG, resampling, a crop aligned to a
+    fraction of a pixel) is fine detail, so a noisy or sharp image's copy correlates
+    less with it than a smooth one's does, while two smooth look-alikes (upscaled
+    digits) correlate more than a noisy copy. Fineness is what a half-pixel shift costs
+    an image's own correlation (1 minus it), the larger of the pair's."""
+    aligned, colour = aligned_scores(a, b)
+    fineness = np.maximum(_fineness(a), _fineness(b))
+    return (1 - aligned <= MAX_MISFIT * fineness) & (colour <= COLOUR_SHIFT)
+
+
+def _fineness(thumb: np.ndarray) -> np.ndarray:
+    """1 minus the correlation of each gray thumbnail with itself moved half a pixel
+    down and right (floored, so a flat image is no division by zero)."""
+    gray = np.pad(thumb.mean(3, dtype=np.float32), ((0, 0), (0, 1), (0, 1)), "edge")
+    moved = (gray[:, :-1, :-1] + gray[:, 1:, :-1] + gray[:, :-1, 1:] + gray[:, 1:, 1:]) / 4
+    own = correlation(gray[:, :-1, :-1].reshape(len(gray), -1), moved.reshape(len(gray), -1))
+    return np.maximum(1 - own, 1e-4)
 
 
 def _hash_pairs(query: np.ndarray, table: np.ndarray, owner: np.ndarray) -> np.ndarray:
@@ -230,32 +232,57 @@ def _hash_pairs(query: np.ndarray, table: np.ndarray, owner: np.ndarray) -> np.n
     return np.stack([pairs // len(query), pairs % len(query)], 1)
 
 
-def aligned_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The best Pearson correlation of each RGB thumbnail of a with the same one of b, over
-    alignments: one of them cropped by SHIFTS at each side and resampled (brightness and
-    contrast left out; a cropped copy aligns with its original).
+def aligned_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How alike each RGB thumbnail of a is to the same one of b, best aligned: one of
+    them cropped by SHIFTS at each side and resampled, so a cropped copy aligns with its
+    original.
 
     Why a search: a crop of a few pixels moves every edge of a thumbnail, and the plain
     correlation of such a copy falls below that of two look-alike distinct images. The
     crops of rows and of columns are chosen in turn on gray (rows, columns, rows again:
-    3 x 16 tries, not 16 x 16), each way round, and the pair is judged on colour.
+    3 x 16 tries, not 16 x 16), each way round. Why colour apart from shape: JPEG blurs
+    colour locally, which lowers a copy's RGB correlation as much as a look-alike's;
+    what it keeps is each channel's overall level and contrast, which a brightness or
+    contrast change moves alike in all three and two distinct images do not.
 
     Args:
         a, b: (m, THUMB, THUMB, 3) uint8.
 
     Returns:
-        (m,) float32.
+        (the gray Pearson correlation, the colour shift: each channel's offset and
+        contrast left over when one gain and offset for all three map the aligned
+        thumbnail onto the other, root mean square, over the other's std), each (m,).
     """
     a, b = a.astype(np.float32), b.astype(np.float32)
     best = np.full(len(a), -1.0, np.float32)
+    shift = np.full(len(a), np.inf, np.float32)
     for x, y in ((a, b), (b, a)):
         rows, cols = _align(x.mean(3), y.mean(3))
         windows = _windows()
         planes = x.transpose(0, 3, 1, 2)
         moved = windows[rows][:, None] @ planes @ windows[cols].transpose(0, 2, 1)[:, None]
-        target = y.transpose(0, 3, 1, 2).reshape(len(a), -1)
-        best = np.maximum(best, correlation(moved.reshape(len(a), -1), target))
-    return best
+        moved = moved.reshape(len(a), 3, -1)
+        target = y.transpose(0, 3, 1, 2).reshape(len(a), 3, -1)
+        gray = correlation(moved.mean(1), target.mean(1))
+        better = gray > best
+        best = np.where(better, gray, best)
+        shift = np.where(better, _colour_shift(moved, target), shift)
+    return best, shift
+
+
+def _colour_shift(moved: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(m, 3, pixels) twice -> (m,) the colour shift of aligned_scores."""
+    flat_x = moved.reshape(len(moved), -1)
+    flat_y = target.reshape(len(target), -1)
+    x = flat_x - flat_x.mean(1, keepdims=True)
+    y = flat_y - flat_y.mean(1, keepdims=True)
+    gain = (x * y).sum(1) / np.maximum((x * x).sum(1), 1e-6)
+    left = (y - gain[:, None] * x).reshape(moved.shape)
+    offset = left.mean(2)
+    channel = moved - moved.mean(2, keepdims=True)
+    spread = np.maximum((channel * channel).sum(2), 1e-6)
+    contrast = (left * channel).sum(2) / spread * channel.std(2)
+    return np.sqrt((offset**2 + contrast**2).mean(1)) / np.maximum(flat_y.std(1), 1e-6)
 
 
 def _align(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
