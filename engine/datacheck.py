@@ -1,11 +1,12 @@
 """The data check every run makes on its decoded images, before the split (--data-check).
 
 It finds exact duplicates (the same decoded pixels), near duplicates (re-encoded,
-resized, brightened copies: engine.perceptual's pHash and thumbnails, searched by
-multi-index hashing, not all pairs), label conflicts (one image, or its near copy,
-filed under two classes), the class balance, and nearly uniform images (blank, black,
-white: pixel std under UNIFORM_STD; these are listed, and left out of the duplicate
-groups, where a set of blank frames would make one giant group). Fingerprints are kept
+resized, brightened, slightly cropped copies: engine.perceptual's pHashes and aligned
+thumbnails, searched by multi-index hashing, not all pairs), label conflicts (one
+image, or its near copy, filed under two classes), the class balance, and nearly
+uniform images (blank, black, white: pixel std under UNIFORM_STD; these are listed, and
+left out of the duplicate groups, where a set of blank frames would make one giant
+group). Fingerprints are kept
 in the decoded-image cache (engine.cache_hashes), so a warm run computes none.
 
 Duplicate clusters, joined with a table's --group-column, are the groups the split

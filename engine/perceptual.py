@@ -1,30 +1,38 @@
 """Image fingerprints in NumPy, for the data check (engine.datacheck): exact and perceptual
 hashes of already-decoded images, and near-duplicate search that is not all-pairs.
 
-Why our own code and not imagehash: imagehash hashes one PIL image at a time (a PIL
-conversion, a resize and a scipy DCT per image, in Python: a loop of 100k calls before
-any search, and it has no search at all; not installed here, and requirements stay as
-they are). The images here are decoded already, as one uint8 array, so the same pHash is
-a few matrix products over a chunk of thousands at once: gray -> box-resampled to 32x32
-(one matmul each side) -> the 8x8 lowest DCT frequencies (two more) -> one bit per
-frequency, set when above the median of the 63 AC ones. A brightness shift moves only
-the DC term, which is left out; JPEG re-encoding, resizing and slight crops move the low
-frequencies little. pHash alone joins look-alike but distinct images (the demo's round
-cells differ in a few bits), so a candidate pair must also have 16x16 gray thumbnails
-(kept beside the hash) that correlate at MIN_CORRELATION. Measured on 2,000 demo cells
-at 64 px: re-encoded (JPEG q75), resized and brightened copies reach 0.998 or more,
-distinct cells at most 0.989, a copy cropped by one pixel a side 0.987 to 1 (most of
-them count, not all); by two pixels a side, copies and look-alikes can no longer be told
-apart this way.
+Not imagehash: it hashes one PIL image at a time, in Python, and has no search. Here a
+chunk of decoded images is hashed at once: gray, box-resampled to 32x32, the 8x8 lowest
+DCT frequencies, a bit each above the median of the 63 AC ones. Crops move the pHash of
+look-alikes much (2 px a side on 64 px demo cells: up to 14 bits), so each image also
+keeps the pHashes of 9 crop VARIANTS (CROP of all, one or two adjacent sides).
+
+Candidates are verified on 24 px RGB thumbnails (_same): one of the pair cropped (0-5%
+a side, aligned by search) to fit the other, their gray correlation r must satisfy
+1 - r <= MAX_MISFIT * fineness (what a half-pixel shift costs the finer image's own
+correlation: a noisy cell's copy loses more than a smooth digit's look-alike), and
+their colour shift (see aligned_scores) must be under COLOUR_SHIFT. Measured on 64 px
+demo cells (40 each; found = hash and check):
+
+    copy                     aligned r      misfit  colour  found (misfit, colour: max)
+    JPEG q75; q50+darker     0.997-0.999    0.09    0.035   1.00
+    resized to 48; +20       0.997-1        0.06    0.092   1.00
+    1 px a side/one/two      0.992-0.999    0.14    0.025   0.93-0.97
+    2 px a side/one/two      0.983-0.998    0.26    0.036   0.93-0.97
+    3 px (5%) /+JPEG         0.980-0.998    0.29    0.035   0.88-1.00
+    distinct, of candidates  up to 0.9936   >=0.25  >=0.11  0 groups
+
+Distinct: 2,000 and 5,000 demo cells (24,824 and 151,043 candidate pairs) and sklearn's
+1,797 digits at 32 and 64 px: no pair passes both (demo: misfit >= 0.253 where the
+colour passes, colour >= 0.109 where the misfit does; digits: misfit >= 0.282). The
+margins are thin on the demo's near-identical cells; a few 2-3 px crops are missed.
 
 Search: multi-index hashing. Split the 64 pHash bits into BANDS bands of 16; two hashes
-within MAX_DISTANCE <= 2 * BANDS - 1 bits of each other agree exactly, or but for one bit,
-in at least one band (pigeonhole). So each band is sorted once and every hash looks up
-its band value and the 16 one-bit neighbours of it (searchsorted); only those candidates
-are compared in full. Identical hashes are collapsed first, so a set of blank images
-costs one entry, not n squared pairs. The whole check on 100,000 images (the
-fingerprints, this search, the groups and the report; tests/bench_datacheck.py) took
-11 s at 32 px and 26 s at 64 px on 2 cores, 5 s warm (fingerprints from the cache).
+within MAX_DISTANCE <= 2 * BANDS - 1 bits agree exactly, or but for one bit, in at least
+one band (pigeonhole). Each band of the table (every image's pHash and its variants) is
+sorted once; every pHash looks up its band value and its 16 one-bit neighbours
+(searchsorted). Identical pHashes are collapsed first, so blank images cost one entry.
+100,000 images (tests/bench_datacheck.py, 2 shared cores): 20 s at 32 px, 31 s at 64, 11-14 warm.
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ def _pack(bits: np.ndarray) -> np.ndarray:
 
 
 def fingerprints(images: np.ndarray) -> np.ndarray:
-    """Exact hash, pHash, pixel std and mean, and a gray thumbnail of each image.
+    """Exact hash, pHash and its crop variants, pixel std and mean, and RGB thumbnail of each.
 
     Args:
         images: (n, H, W[, C]) pixel values 0..255 (uint8 usually), any H and W.

@@ -4,7 +4,9 @@ and what a tiny real run records.
 
 Engine code only, on data made here: smooth random images (an 8x8 noise field scaled
 up), so distinct images share no fingerprint, and copies of some of them re-encoded as
-JPEG, resized, brightened or renamed under another class."""
+JPEG, resized, brightened or renamed under another class; and cropped copies (2 px and
+5% of the side, on every side, one or two) among the demo's look-alike cells, which must
+be found while thousands of distinct cells stay apart."""
 
 from __future__ import annotations
 
