@@ -331,3 +331,14 @@ def test_cropped_copies_are_found_beside_reencoded_ones_and_look_alikes_kept_apa
 def test_no_false_groups_among_thousands_of_look_alike_demo_cells(tmp_path):
     cells = demo_cells(tmp_path, 2000)
     assert len(np.unique(clusters(fingerprints(cells)))) == len(cells)
+
+
+def test_no_false_groups_among_sklearn_digits():
+    """1,797 handwritten digits (8x8, shipped with scikit-learn, none duplicated) scaled
+    up to 32 px: smooth and alike, what an aligned correlation alone would join."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = (datasets.load_digits().images * 255 / 16).astype(np.uint8)
+    images = np.stack(
+        [np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR)) for d in digits]
+    )
+    assert len(np.unique(clusters(fingerprints(images)))) == len(images)
