@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import train
+from engine import perceptual
 from engine import sources as src
 from engine.config import UserError
 from engine.datacheck import clusters
@@ -101,7 +102,8 @@ def test_planted_duplicates_are_found_named_and_kept_in_one_split(planted):
     assert set(report["class_balance"]["counts"]) == {"cats", "dogs"}
     line = info.data_check.summary
     assert line.startswith("data check: ") and "2 label conflicts, imbalance " in line
-    assert line.endswith("; see data_check.json")
+    assert line.endswith("; see data_check.json") and "incomplete" not in line
+    assert report["near_duplicate_search"]["complete"]
 
 
 def test_a_warm_second_run_decodes_and_fingerprints_nothing(planted, tmp_path, capsys):
@@ -320,17 +322,45 @@ def test_cropped_copies_are_found_beside_reencoded_ones_and_look_alikes_kept_apa
     cells = demo_cells(tmp_path, 300)
     copies = np.stack([copy(cells[10 * k]) for k, copy in enumerate(COPIES.values())])
     records = fingerprints(np.concatenate([cells, copies]))
-    cluster = clusters(records)
+    cluster, search = clusters(records)
+    assert search["complete"]
     for k, kind in enumerate(COPIES):
         assert cluster[len(cells) + k] == cluster[10 * k], kind
     sizes = np.bincount(cluster)
     assert sorted(sizes[sizes > 1]) == [2] * len(COPIES)  # the planted pairs, nothing else
 
 
+def test_look_alikes_past_the_budget_verify_the_closest_pairs_and_say_so(tmp_path, monkeypatch):
+    """Only 20 candidate pairs verified (of ~600 among 300 look-alike cells): the exact
+    copy and the JPEG copy (identical pHashes) are still found, and the report and the
+    summary line say the search was cut short."""
+    monkeypatch.setattr(perceptual, "PAIR_BUDGET", 20)
+    monkeypatch.setattr(perceptual, "PAIR_BUDGET_PER_IMAGE", 0)
+    root = tmp_path / "cells"
+    make_demo_data(root, 300, 64)
+    files = sorted(root.glob("*/*.png"))
+    (root / "uninfected" / "exact.png").write_bytes(files[3].read_bytes())
+    jpeg(Image.open(files[5]).convert("RGB")).save(root / "parasitized" / "copy.jpg")
+    check = src.load_imagedir(str(root), engine_config(test_split=0.2))[2].data_check
+    groups = {paths(g) for g in check.report["near_duplicate_groups"]}
+    assert frozenset({str(files[3]), str(root / "uninfected" / "exact.png")}) in groups
+    assert frozenset({str(files[5]), str(root / "parasitized" / "copy.jpg")}) in groups
+    search = check.report["near_duplicate_search"]
+    assert search["verified"] == 20 < search["candidate_pairs"] and not search["complete"]
+    clause = (
+        f"; near-duplicate search incomplete (look-alike images: 20 of "
+        f"{search['candidate_pairs']:,} candidate pairs checked); see data_check.json"
+    )
+    assert check.summary.endswith(clause)
+    assert (
+        check.summary.startswith("data check: ") and " label conflicts, imbalance " in check.summary
+    )
+
+
 @pytest.mark.slow
 def test_no_false_groups_among_thousands_of_look_alike_demo_cells(tmp_path):
     cells = demo_cells(tmp_path, 2000)
-    assert len(np.unique(clusters(fingerprints(cells)))) == len(cells)
+    assert len(np.unique(clusters(fingerprints(cells))[0])) == len(cells)
 
 
 def test_no_false_groups_among_sklearn_digits():
@@ -341,4 +371,4 @@ def test_no_false_groups_among_sklearn_digits():
     images = np.stack(
         [np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR)) for d in digits]
     )
-    assert len(np.unique(clusters(fingerprints(images)))) == len(images)
+    assert len(np.unique(clusters(fingerprints(images))[0])) == len(images)
