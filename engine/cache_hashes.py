@@ -24,7 +24,7 @@ from engine.decoding import DECODER_VERSION
 from engine.perceptual import CHUNK, RECORD, fingerprints
 from engine.shards import write_atomic
 
-FINGERPRINT_VERSION = 1  # bump when engine.perceptual's fingerprints change
+FINGERPRINT_VERSION = 2  # bump when engine.perceptual's fingerprints change
 
 
 def fingerprint_file(keys: list[str], cache_dir: str, shape: tuple[int, int, int]) -> Path:

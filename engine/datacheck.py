@@ -1,11 +1,12 @@
 """The data check every run makes on its decoded images, before the split (--data-check).
 
 It finds exact duplicates (the same decoded pixels), near duplicates (re-encoded,
-resized, brightened copies: engine.perceptual's pHash and thumbnails, searched by
-multi-index hashing, not all pairs), label conflicts (one image, or its near copy,
-filed under two classes), the class balance, and nearly uniform images (blank, black,
-white: pixel std under UNIFORM_STD; these are listed, and left out of the duplicate
-groups, where a set of blank frames would make one giant group). Fingerprints are kept
+resized, brightened, slightly cropped copies: engine.perceptual's pHashes and aligned
+thumbnails, searched by multi-index hashing, not all pairs), label conflicts (one
+image, or its near copy, filed under two classes), the class balance, and nearly
+uniform images (blank, black, white: pixel std under UNIFORM_STD; these are listed, and
+left out of the duplicate groups, where a set of blank frames would make one giant
+group). Fingerprints are kept
 in the decoded-image cache (engine.cache_hashes), so a warm run computes none.
 
 Duplicate clusters, joined with a table's --group-column, are the groups the split
@@ -66,13 +67,15 @@ def _star(ids: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     return np.stack([order[:-1][same], order[1:][same]], 1)
 
 
-def clusters(records: np.ndarray) -> np.ndarray:
+def clusters(records: np.ndarray) -> tuple[np.ndarray, dict]:
     """A cluster id per image: exact and near duplicates share one; uniform images are
-    each their own."""
+    each their own. And how far the near-duplicate search went (see near_pairs' budget):
+    {"candidate_pairs", "verified", "complete"}."""
     live = np.flatnonzero(records["std"] >= UNIFORM_STD)
-    near = near_pairs(records["phash"][live], records["thumb"][live])
+    near, search = near_pairs(*(records[name][live] for name in ("phash", "crops", "thumb")))
     pairs = np.concatenate([_star(records["exact"], live), live[near]]).astype(np.int64)
-    return components(len(records), pairs)
+    search["complete"] = search["verified"] == search["candidate_pairs"]
+    return components(len(records), pairs), search
 
 
 def group_ids(
@@ -120,7 +123,7 @@ def split_checked(
     if cfg.data_check == "off":
         return split_indices(labels, cfg, assigned, group_ids(None, paths, column)), None
     records = fingerprint(keys, images_at, cfg)
-    cluster = clusters(records)
+    cluster, search = clusters(records)
     parts = split_indices(labels, cfg, assigned, group_ids(cluster, paths, column))
     loose = parts
     if len(np.unique(cluster)) < len(cluster):  # the split duplicates would have had
@@ -128,7 +131,8 @@ def split_checked(
             loose = split_indices(labels, cfg, assigned, group_ids(None, paths, column))
     splits = np.asarray(split_names(len(labels), parts), str)
     would_be = np.asarray(split_names(len(labels), loose), str)
-    return parts, report(records, cluster, paths, labels, class_names, splits, would_be, images_at)
+    found = (records, cluster, paths, labels, class_names, splits, would_be, images_at, search)
+    return parts, report(*found)
 
 
 def report(
@@ -140,9 +144,10 @@ def report(
     splits: np.ndarray,
     would_be: np.ndarray,
     images_at: ImagesAt,
+    search: dict | None = None,
 ) -> DataCheck:
     """The findings, given each image's split and the split it would have had without
-    its duplicates kept together."""
+    its duplicates kept together, and how far the near-duplicate search went (clusters)."""
     labels = np.asarray(labels)
 
     def member(i: int) -> dict:
@@ -155,16 +160,14 @@ def report(
     apart_groups = [g for g in across if not g["kept_together"]]
     problems = [_describe(c["members"]) for c in conflicts]
     problems += [_describe(g["members"]) for g in apart_groups]
-    together = "kept together" if not apart_groups else "across the source's splits"
-    summary = (
-        f"data check: {len(across)} near-duplicate groups across splits ({together}), "
-        f"{len(conflicts)} label conflicts, imbalance {ratio:.1f}:1; see data_check.json"
-    )
+    search = search or {"candidate_pairs": 0, "verified": 0, "complete": True}
+    summary = _summary(len(across), bool(apart_groups), len(conflicts), ratio, search)
     report_dict = {
         "groups_across_splits": across[:LISTED],
         "label_conflicts": conflicts[:LISTED],
         "near_duplicate_groups": groups[:LISTED],
         "likely_label_errors": [],
+        "near_duplicate_search": search,
         "class_balance": {
             "counts": dict(zip(class_names, counts.tolist(), strict=True)),
             "imbalance_ratio": round(ratio, 3),
@@ -217,6 +220,20 @@ def _groups(records, cluster, labels, splits, would_be, member) -> tuple[list, l
         if apart or len({s for s in would_be[group] if s}) > 1:
             across.append({"kept_together": not apart, "members": entry["members"]})
     return groups, conflicts, across, [*rows[0], *rows[1], *rows[2]]
+
+
+def _summary(across: int, apart: bool, conflicts: int, ratio: float, search: dict) -> str:
+    """The one line printed before training; it says so when the near-duplicate search
+    was cut short by its budget (near_pairs: look-alike images left pairs unchecked)."""
+    together = "across the source's splits" if apart else "kept together"
+    cut_short = ""
+    if not search["complete"]:
+        checked = f"{search['verified']:,} of {search['candidate_pairs']:,} candidate pairs"
+        cut_short = f"; near-duplicate search incomplete (look-alike images: {checked} checked)"
+    return (
+        f"data check: {across} near-duplicate groups across splits ({together}), "
+        f"{conflicts} label conflicts, imbalance {ratio:.1f}:1{cut_short}; see data_check.json"
+    )
 
 
 def _pair(group: np.ndarray, labels: np.ndarray) -> list[int]:

@@ -4,7 +4,9 @@ and what a tiny real run records.
 
 Engine code only, on data made here: smooth random images (an 8x8 noise field scaled
 up), so distinct images share no fingerprint, and copies of some of them re-encoded as
-JPEG, resized, brightened or renamed under another class."""
+JPEG, resized, brightened or renamed under another class; and cropped copies (2 px and
+5% of the side, on every side, one or two) among the demo's look-alike cells, which must
+be found while thousands of distinct cells stay apart."""
 
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ import pytest
 from PIL import Image
 
 import train
+from engine import perceptual
 from engine import sources as src
 from engine.config import UserError
+from engine.datacheck import clusters
 from engine.datacheck_log import before_run
+from engine.file_sources import make_demo_data
 from engine.images import DataInfo, arrays_pipeline, split_indices
+from engine.perceptual import fingerprints
 from tests.conftest import engine_config, tiny_config, train_and_log
 
 
@@ -96,7 +102,8 @@ def test_planted_duplicates_are_found_named_and_kept_in_one_split(planted):
     assert set(report["class_balance"]["counts"]) == {"cats", "dogs"}
     line = info.data_check.summary
     assert line.startswith("data check: ") and "2 label conflicts, imbalance " in line
-    assert line.endswith("; see data_check.json")
+    assert line.endswith("; see data_check.json") and "incomplete" not in line
+    assert report["near_duplicate_search"]["complete"]
 
 
 def test_a_warm_second_run_decodes_and_fingerprints_nothing(planted, tmp_path, capsys):
@@ -282,3 +289,86 @@ def test_a_table_split_wins_and_its_crossing_duplicates_are_reported_and_refused
     assert "(across the source's splits)" in check.summary
     with pytest.raises(UserError, match="copy1.png \\(cats, test\\)"):
         before_run(info, engine_config(data_check="strict"))
+
+
+def cropped(image: np.ndarray, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    """The image less these pixels at each side, resized back to its size."""
+    size = image.shape[0]
+    window = Image.fromarray(image[top : size - bottom, left : size - right])
+    return np.asarray(window.resize((size, size), Image.BILINEAR))
+
+
+def demo_cells(folder, count: int) -> np.ndarray:
+    """`count` of the demo's look-alike 64 px cells (make_demo_data), as one array."""
+    make_demo_data(folder, count, 64)
+    files = sorted(folder.glob("*/*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+COPIES = {
+    "jpeg": lambda a: np.asarray(jpeg(Image.fromarray(a))),
+    "resized": lambda a: np.asarray(Image.fromarray(a).resize((48, 48)).resize((64, 64))),
+    "brighter": lambda a: np.asarray(brighter(Image.fromarray(a))),
+    "2 px a side": lambda a: cropped(a, 2, 2, 2, 2),
+    "2 px left": lambda a: cropped(a, 2, 0, 0, 0),
+    "5% a side": lambda a: cropped(a, 3, 3, 3, 3),
+    "5% right": lambda a: cropped(a, 0, 0, 3, 0),
+    "5% top and left": lambda a: cropped(a, 3, 3, 0, 0),
+    "5% a side, jpeg": lambda a: np.asarray(jpeg(Image.fromarray(cropped(a, 3, 3, 3, 3)))),
+}
+
+
+def test_cropped_copies_are_found_beside_reencoded_ones_and_look_alikes_kept_apart(tmp_path):
+    cells = demo_cells(tmp_path, 300)
+    copies = np.stack([copy(cells[10 * k]) for k, copy in enumerate(COPIES.values())])
+    records = fingerprints(np.concatenate([cells, copies]))
+    cluster, search = clusters(records)
+    assert search["complete"]
+    for k, kind in enumerate(COPIES):
+        assert cluster[len(cells) + k] == cluster[10 * k], kind
+    sizes = np.bincount(cluster)
+    assert sorted(sizes[sizes > 1]) == [2] * len(COPIES)  # the planted pairs, nothing else
+
+
+def test_look_alikes_past_the_budget_verify_the_closest_pairs_and_say_so(tmp_path, monkeypatch):
+    """Only 20 candidate pairs verified (of ~600 among 300 look-alike cells): the exact
+    copy and the JPEG copy (identical pHashes) are still found, and the report and the
+    summary line say the search was cut short."""
+    monkeypatch.setattr(perceptual, "PAIR_BUDGET", 20)
+    monkeypatch.setattr(perceptual, "PAIR_BUDGET_PER_IMAGE", 0)
+    root = tmp_path / "cells"
+    make_demo_data(root, 300, 64)
+    files = sorted(root.glob("*/*.png"))
+    (root / "uninfected" / "exact.png").write_bytes(files[3].read_bytes())
+    jpeg(Image.open(files[5]).convert("RGB")).save(root / "parasitized" / "copy.jpg")
+    check = src.load_imagedir(str(root), engine_config(test_split=0.2))[2].data_check
+    groups = {paths(g) for g in check.report["near_duplicate_groups"]}
+    assert frozenset({str(files[3]), str(root / "uninfected" / "exact.png")}) in groups
+    assert frozenset({str(files[5]), str(root / "parasitized" / "copy.jpg")}) in groups
+    search = check.report["near_duplicate_search"]
+    assert search["verified"] == 20 < search["candidate_pairs"] and not search["complete"]
+    clause = (
+        f"; near-duplicate search incomplete (look-alike images: 20 of "
+        f"{search['candidate_pairs']:,} candidate pairs checked); see data_check.json"
+    )
+    assert check.summary.endswith(clause)
+    assert (
+        check.summary.startswith("data check: ") and " label conflicts, imbalance " in check.summary
+    )
+
+
+@pytest.mark.slow
+def test_no_false_groups_among_thousands_of_look_alike_demo_cells(tmp_path):
+    cells = demo_cells(tmp_path, 2000)
+    assert len(np.unique(clusters(fingerprints(cells))[0])) == len(cells)
+
+
+def test_no_false_groups_among_sklearn_digits():
+    """1,797 handwritten digits (8x8, shipped with scikit-learn, none duplicated) scaled
+    up to 32 px: smooth and alike, what an aligned correlation alone would join."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = (datasets.load_digits().images * 255 / 16).astype(np.uint8)
+    images = np.stack(
+        [np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR)) for d in digits]
+    )
+    assert len(np.unique(clusters(fingerprints(images))[0])) == len(images)
