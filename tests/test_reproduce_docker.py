@@ -8,17 +8,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from tests.test_docker_e2e import (  # noqa: F401 (fixtures)
-    MAKE,
-    TINY_RUN,
-    docker_engine,
-    fork,
-    run_id_in,
-    run_in_project,
-    say,
-    storage,
-    training_image,
-)
+from tests.conftest import run_id_in, run_in_project, say
+from tests.test_docker_e2e import MAKE, TINY_RUN, fork  # noqa: F401 (fork: a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 

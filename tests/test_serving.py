@@ -33,7 +33,6 @@ from engine.network import class_probabilities
 from engine.sources import make_demo_data
 from tests.conftest import module_store, tiny_config, train_and_log
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy
-from tests.test_docker_e2e import docker_engine  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIFECYCLE = [sys.executable, str(ROOT / "lifecycle.py")]
@@ -314,7 +313,7 @@ def test_build_docker_image_serves_the_same_api(registry, images, tmp_path):
     Minutes (the image installs MLflow and TensorFlow from PyPI), so it runs where the
     Docker tests are asked for by name, `make test-docker`, and not in `make test`.
     """
-    from tests.test_docker_e2e import LOCAL_BASE
+    from tests.conftest import LOCAL_BASE
 
     made = subprocess.run(
         ["bash", str(ROOT / "tests" / "docker_base.sh"), LOCAL_BASE],
