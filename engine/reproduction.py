@@ -308,6 +308,7 @@ def reproduce(args: argparse.Namespace, host: Host) -> reproduction_verdict.Verd
     new_run, status = "", 1  # until the training says otherwise: an exception leaves it FAILED
     try:
         host.checkout(args.git_url or str(PROJECT_DIR), commit, folder / "project")
+        source.notes += run_record.share_untracked(PROJECT_DIR, folder / "project")
         params = training_params(source, folder / "project", args.override)
         for note in source.notes:
             print(f"note: {note}")

@@ -134,3 +134,23 @@ def data_changes(record: dict, recorded_digest: str, since: float = 0.0) -> Data
 def read_record(path: str | Path) -> dict:
     """A downloaded lineage.json."""
     return json.loads(Path(path).read_text())
+
+
+# Folders a project keeps out of git that a fresh checkout of its commit needs: the data
+# (data/ in this template) and the decoded-image cache, which is keyed by each file's
+# path, size and time, so sharing it cannot mix up data.
+SHARED_FOLDERS = ("data", ".cache")
+
+
+def share_untracked(project: Path, checkout: Path) -> list[str]:
+    """Link the project's SHARED_FOLDERS into a fresh checkout that lacks them.
+
+    Returns:
+        A note for each folder linked.
+    """
+    notes = []
+    for name in SHARED_FOLDERS:
+        if (project / name).is_dir() and not (checkout / name).exists():
+            (checkout / name).symlink_to((project / name).resolve(), target_is_directory=True)
+            notes.append(f"{name}/: this project's, linked into the checkout (git keeps it out)")
+    return notes

@@ -220,3 +220,19 @@ def test_require_reproduced_names_make_reproduce():
     assert "reproduced=no" in reproduction_verdict.reproduced_problem(
         {"reproduced": "no"}, "m", "3"
     )
+
+
+def test_a_checkout_shares_the_projects_data_and_cache(tmp_path):
+    """A fork's load_data that reads PROJECT_DIR/data finds it in the fresh checkout, and
+    removing the checkout leaves the project's data alone."""
+    project, checkout = tmp_path / "project", tmp_path / "checkout"
+    (project / "data" / "cells").mkdir(parents=True)
+    (project / "data" / "cells" / "a.png").write_bytes(b"x")
+    (project / ".cache").mkdir()
+    (checkout / ".cache").mkdir(parents=True)  # the checkout's own: kept
+    notes = run_record.share_untracked(project, checkout)
+    assert (checkout / "data" / "cells" / "a.png").read_bytes() == b"x"
+    assert len(notes) == 1 and notes[0].startswith("data/")
+    assert not (checkout / ".cache").is_symlink()
+    shutil.rmtree(checkout)
+    assert (project / "data" / "cells" / "a.png").exists()
