@@ -147,8 +147,9 @@ def environment_notes(source_run: Any, new_run: Any) -> list[str]:
     before, after = dataset_digest(source_run), dataset_digest(new_run)
     if before != after:
         notes.append(
-            f"dataset digest: {before or 'none'} then, {after or 'none'} now (it covers file "
-            "times too: demo images made again in a container differ by those alone)"
+            f"dataset digest: {before or 'none'} then, {after or 'none'} now (it covers each "
+            "file's path, size and time: the same images read through the checkout's "
+            "folder, or demo images made again in a container, differ by those alone)"
         )
     return notes
 
