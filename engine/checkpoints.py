@@ -22,7 +22,7 @@ from typing import Any
 
 import keras
 
-from engine.common import CHECKPOINT_STATE, storage_folder
+from engine.common import CHECKPOINT_STATE, STOP_SIGNALS, storage_folder
 from engine.config import MONITORS, UserError
 
 STATE_FILE = CHECKPOINT_STATE
@@ -160,3 +160,13 @@ def find_checkpoint(root: Path, run_id: str) -> Path:
 
 def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Stop training after a batch when a stop signal arrived whose SystemExit was lost
+    (see engine.common.STOP_SIGNALS): the run then ends FAILED with its resume command,
+    as when the SystemExit came through."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if STOP_SIGNALS:
+            raise SystemExit(128 + STOP_SIGNALS[0])

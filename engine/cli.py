@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.common import STOP_SIGNALS
 from engine.config import UserError, parse_config
 
 if TYPE_CHECKING:
@@ -27,14 +28,13 @@ def exit_on_sigterm() -> list[int]:
         while TensorFlow's C++ was calling back into Python can come out as another
         exception, so whoever catches exceptions checks it and exits 128 + signal.
     """
-    signals: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
-        signals.append(signum)
+        STOP_SIGNALS.append(signum)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    return signals
+    return STOP_SIGNALS
 
 
 def quiet_tensorflow() -> None:

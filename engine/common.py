@@ -28,6 +28,11 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 STORAGE_ROOT = Path("/storage")
 # engine/checkpoints.py writes it last; the host reads it to decide whether to resume.
 CHECKPOINT_STATE = "state.json"
+# The signals that asked this process to stop, appended by engine.cli's handler. The
+# SystemExit that handler raises is lost when the signal lands while Python runs a
+# __del__ or a callback from TensorFlow's C++; training checks this list after every
+# batch (engine.checkpoints.StopOnSignal), so a stop is never lost.
+STOP_SIGNALS: list[int] = []
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # URI schemes a run can log to; a database scheme may name a driver (postgresql+psycopg2).
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")

@@ -290,6 +290,7 @@ def fit(
         tracking.EpochTimer(info.train_count),
         best,
         checkpoints.Checkpointer(folder, state, best),
+        checkpoints.StopOnSignal(),
         *([metrics_logger] if setup.chief else []),
         *(callbacks or []),
     ]

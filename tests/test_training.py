@@ -18,8 +18,9 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 import train
-from engine import devices
+from engine import checkpoints, devices
 from engine.checkpoints import STATE_FILE
+from engine.common import STOP_SIGNALS
 from engine.config import UserError
 from engine.devices import choose_strategy, compute_dtype, set_precision
 from engine.evaluation import classification_metrics
@@ -279,3 +280,17 @@ def test_resuming_a_run_without_a_checkpoint_says_where_it_looked(tracking_store
 def test_class_probabilities_reads_both_heads():
     np.testing.assert_allclose(class_probabilities(np.array([[0.25]])), [[0.75, 0.25]])
     np.testing.assert_allclose(class_probabilities(np.array([[0.1, 0.9]])), [[0.1, 0.9]])
+
+
+def test_a_stop_signal_whose_exit_was_lost_stops_after_the_batch():
+    """The SystemExit of the SIGTERM handler vanishes when it lands in a __del__; the
+    callback still stops training, with the status the handler would have given."""
+    callback = checkpoints.StopOnSignal()
+    callback.on_train_batch_end(0)  # no signal: nothing happens
+    STOP_SIGNALS.append(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            callback.on_train_batch_end(1)
+        assert stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        STOP_SIGNALS.clear()
