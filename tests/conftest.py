@@ -313,8 +313,9 @@ def run_in_project(
 ) -> tuple[str, float]:
     """Run a command in a project folder against the server; its output and seconds."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE_DIR": str(storage)}
-    # MAKE*: not a sub-make of `make test ARGS=...`, whose variables would reach its targets
-    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
+    # not a sub-make of `make test ARGS=...`: make exports its command line's variables
+    # (ARGS among them) into the environment, where this make's targets would read them
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "ARGS")
     for name in ("MLFLOW_RUN_ID", "GPUS", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", *outer):
         env.pop(name, None)
     if base:
