@@ -131,12 +131,9 @@ def load_dataframe(
     rows = read_table(table)
     raw_paths = table_column(table, rows, path_column, "--path-column")
     raw_labels = table_column(table, rows, label_column, "--label-column")
-    missing = [i + 2 for i, value in enumerate(raw_labels) if str(value or "").strip() == ""]
-    if missing:
-        raise UserError(
-            f"{table}: {len(missing)} row(s) have no label in column '{label_column}' (e.g. "
-            f"line {missing[0]}). Fill in their labels or remove those rows."
-        )
+    require_filled(
+        table, raw_labels, label_column, "label", "Fill in their labels or remove those rows."
+    )
     groups = table_groups(table, rows, cfg.group_column) if cfg.group_column else None
     paths = table_paths(table, raw_paths)
     labels, class_names = label_index(raw_labels)
@@ -149,14 +146,19 @@ def load_dataframe(
 def table_groups(table: Path, rows: list[dict], column: str) -> list[str]:
     """The --group-column's values; UserError when the column is absent or a cell empty."""
     values = table_column(table, rows, column, "--group-column")
+    fix = "Give every row a group id (e.g. the patient or slide), or run without --group-column."
+    require_filled(table, values, column, "group", fix)
+    return [str(value).strip() for value in values]
+
+
+def require_filled(table: Path, values: list, column: str, what: str, fix: str) -> None:
+    """UserError naming the rows (by line) whose cell in `column` is empty."""
     empty = [i + 2 for i, value in enumerate(values) if str(value or "").strip() == ""]
     if empty:
         raise UserError(
-            f"{table}: {len(empty)} row(s) have no group in column '{column}' (e.g. line "
-            f"{empty[0]}). Give every row a group id (e.g. the patient or slide), or run "
-            "without --group-column."
+            f"{table}: {len(empty)} row(s) have no {what} in column '{column}' (e.g. line "
+            f"{empty[0]}). {fix}"
         )
-    return [str(value).strip() for value in values]
 
 
 def table_splits(table: Path, values: list, column: str) -> list[str]:

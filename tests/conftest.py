@@ -253,6 +253,17 @@ def base_image(config: pytest.Config) -> str:
     except subprocess.TimeoutExpired:
         pass
     started = time.monotonic()
+    said = make_local_base()
+    say(
+        config,
+        f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
+        f"{time.monotonic() - started:.0f} s ({said})",
+    )
+    return LOCAL_BASE
+
+
+def make_local_base() -> str:
+    """LOCAL_BASE made (or reused) without a registry by tests/docker_base.sh; its last line."""
     made = subprocess.run(
         ["bash", str(PROJECT_DIR / "tests" / "docker_base.sh"), LOCAL_BASE],
         capture_output=True,
@@ -260,12 +271,7 @@ def base_image(config: pytest.Config) -> str:
         timeout=900,
     )
     assert made.returncode == 0, made.stdout + made.stderr
-    say(
-        config,
-        f"{DEFAULT_BASE} cannot be pulled: base {LOCAL_BASE} ready in "
-        f"{time.monotonic() - started:.0f} s ({made.stdout.strip().splitlines()[-1]})",
-    )
-    return LOCAL_BASE
+    return made.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

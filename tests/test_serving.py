@@ -31,7 +31,7 @@ from engine import prediction, serving
 from engine.images import decode_image
 from engine.network import class_probabilities
 from engine.sources import make_demo_data
-from tests.conftest import module_store, tiny_config, train_and_log
+from tests.conftest import LOCAL_BASE, make_local_base, module_store, tiny_config, train_and_log
 from tests.servers import free_port, spawn, stop_process_group, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,15 +313,7 @@ def test_build_docker_image_serves_the_same_api(registry, images, tmp_path):
     Minutes (the image installs MLflow and TensorFlow from PyPI), so it runs where the
     Docker tests are asked for by name, `make test-docker`, and not in `make test`.
     """
-    from tests.conftest import LOCAL_BASE
-
-    made = subprocess.run(
-        ["bash", str(ROOT / "tests" / "docker_base.sh"), LOCAL_BASE],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
+    make_local_base()
     tag = "image-classifier-serving:test"
     mlflow.models.build_docker(
         model_uri=MODEL, name=tag, env_manager="local", base_image=LOCAL_BASE
