@@ -168,7 +168,22 @@ def log_dataset(lineage: dict) -> None:
         dataset = mlflow.data.from_pandas(
             pd.DataFrame(table), source=source, targets="label", name=name, digest=digest
         )
-    mlflow.log_input(dataset, context="training")
+    for attempt in range(1, DATASET_ATTEMPTS + 1):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException as err:
+            # Runs started together on the same data (make sweep, make tune) log the same new
+            # dataset at once; the server reads, then inserts, so all but one insert fail on
+            # the unique key. Another try finds the row the first one wrote.
+            if attempt == DATASET_ATTEMPTS or not any(k in str(err) for k in DUPLICATE_KEY):
+                raise
+            time.sleep(0.5 * attempt)
+
+
+DATASET_ATTEMPTS = 3
+# how SQLite and PostgreSQL word a unique key broken by a concurrent insert
+DUPLICATE_KEY = ("UNIQUE constraint failed", "duplicate key value", "IntegrityError")
 
 
 def export_tf_serving(model: keras.Model, directory: str | Path, version: int = 1) -> Path:
