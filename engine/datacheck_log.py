@@ -1,11 +1,11 @@
 """The data check's verdict before a run, and its record in the run.
 
-`before_run` (in engine.training.prepare, before any MLflow run exists) prints the one
-summary line (warn), or refuses to train while label conflicts or duplicates across
-the source's splits remain (strict, a UserError naming the files). `log_check` (the
-chief's log_setup) logs data_check.json, the data_* metrics and data_check.png, a
-contact sheet of the worst findings: each row a pair side by side, labelled with its
-path, class and split.
+`before_run` (in engine.training.run_training, right after prepare, before any MLflow
+run exists) prints the one summary line (warn), or refuses to train while label
+conflicts or duplicates across the source's splits remain (strict, a UserError naming
+the files). `log_check` (the chief's log_setup) logs data_check.json, the data_*
+metrics and data_check.png, a contact sheet of the worst findings: each row a pair side
+by side, labelled with its path, class and split.
 """
 
 from __future__ import annotations
