@@ -13,6 +13,7 @@ without paying for TensorFlow, Keras or MLflow: it uses the standard library onl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -197,3 +198,12 @@ def list_images(folder: Path | str, follow_links_out: bool = False) -> ImageList
 def image_files(folder: Path | str) -> list[str]:
     """The image files under folder: list_images(folder).files."""
     return list_images(folder).files
+
+
+def text_digest(lines) -> str:
+    """A short content hash of lines of text: the dataset digest (engine.images) and its
+    recomputation before `make reproduce` (engine.run_record), which needs no TensorFlow."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+    return digest.hexdigest()[:16]

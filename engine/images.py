@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import cache as image_cache
-from engine.common import IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
+from engine.common import IMAGE_EXTENSIONS, text_digest  # noqa: F401 (re-exported)
 from engine.config import RunConfig, UserError
 from engine.datacheck import DataCheck, split_checked
 
@@ -189,6 +189,9 @@ def file_lineage(keys: list[str], paths: list[str], labels: list[str], parts, so
         "table": table,
         # each split's table rows in its pipeline's order: engine.label_errors names files by it
         "split_rows": dict(zip(SPLITS, (part.tolist() for part in parts), strict=True)),
+        # the keys the digest covers (path, size, time, each stat'ed once), for the run's
+        # reproduction record (engine.run_record)
+        "keys": keys,
         "digest": text_digest("\t".join(row) + "\n" for row in rows),
     }
 
@@ -261,14 +264,6 @@ def arrays_pipeline(
     return _pipelines(
         pipeline, parts, labels_arr, class_names, cfg, source, [], lineage, held, check
     )
-
-
-def text_digest(lines) -> str:
-    """A short content hash of lines of text."""
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line.encode())
-    return digest.hexdigest()[:16]
 
 
 def array_digest(*arrays: np.ndarray) -> str:

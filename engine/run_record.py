@@ -15,7 +15,6 @@ The reading side (everything but log_run_record) needs neither TensorFlow nor ML
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cache_store import file_key
-from engine.common import image_files
+from engine.common import image_files, text_digest
 
 LINEAGE_ARTIFACT = "reproduction/lineage.json"
 
@@ -46,22 +45,15 @@ def log_run_record(cfg: Any, info: Any) -> None:
     table = lineage.get("table")
     if not table:
         return
-    rows = zip(table["path"], table["label"], table["split"], strict=True)
+    # the keys the digest was computed over: a file touched since then is a change
+    keys = lineage.get("keys") or [file_key(path) for path in table["path"]]
+    rows = zip(table["path"], table["label"], table["split"], keys, strict=True)
     record = {
         "source": lineage.get("source", ""),
         "digest": lineage.get("digest", ""),
-        "rows": [[path, label, split, file_key(path)] for path, label, split in rows],
+        "rows": [list(row) for row in rows],
     }
     mlflow.log_dict(record, LINEAGE_ARTIFACT)
-
-
-def text_digest(lines) -> str:
-    """The dataset digest of engine.images.text_digest (a short sha256 of text lines),
-    written again here so that checking data needs no TensorFlow; tests compare the two."""
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line.encode())
-    return digest.hexdigest()[:16]
 
 
 @dataclass

@@ -18,11 +18,11 @@ import mlflow
 import pytest
 
 import lifecycle
-from engine import images, reproduction, reproduction_verdict, run_record
+from engine import reproduction, reproduction_verdict, run_record
 from engine.config import UserError
 from engine.sources import make_demo_data
 from host.checkout import checkout_version
-from tests.conftest import module_store
+from tests.conftest import module_store, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -178,10 +178,28 @@ def test_a_tracking_server_that_is_down_is_exit_2(monkeypatch, capsys):
     assert "unreachable" in capsys.readouterr().err
 
 
+def test_the_record_keeps_the_keys_the_digest_covered(tracking_store, tmp_path):
+    """The record's keys are the ones the dataset digest was computed over, not a second
+    stat: a file touched in between must show as changed, not pass or mismatch."""
+    lineage = {
+        "source": str(tmp_path),
+        "digest": "d1",
+        "table": {"path": [str(tmp_path / "a.png")], "label": ["cat"], "split": ["train"]},
+        "keys": [f"{tmp_path / 'a.png'}|10|20"],
+    }
+    info = type("Info", (), {"lineage": lineage, "pipeline_params": {}})()
+    mlflow.set_experiment("record-keys")
+    with mlflow.start_run() as run:
+        run_record.log_run_record(tiny_config(), info)
+    folder = mlflow.MlflowClient().download_artifacts(
+        run.info.run_id, run_record.LINEAGE_ARTIFACT, str(tmp_path / "got")
+    )
+    record = run_record.read_record(folder)
+    assert record["rows"] == [[str(tmp_path / "a.png"), "cat", "train", lineage["keys"][0]]]
+
+
 def test_the_digest_check_computes_the_training_digest(tmp_path):
-    """engine.run_record recomputes engine.images' digest without TensorFlow: the two agree."""
-    lines = ["a|1|2\tcat\ttrain\n", "b|3|4\tdog\tval\n"]
-    assert run_record.text_digest(lines) == images.text_digest(lines)
+    """engine.run_record recomputes the dataset digest without TensorFlow."""
     make_demo_data(tmp_path / "d", samples=4, image_size=8, seed=0)
     paths = sorted(str(p) for p in (tmp_path / "d").rglob("*.png"))
     rows = [[p, "x", "train", run_record.file_key(p)] for p in paths]
