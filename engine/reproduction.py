@@ -166,10 +166,12 @@ def check_commit(source: Source, git_url: str, allow_dirty: bool) -> str:
             f"run {source.run_id} ran code of an unknown commit (built without git): "
             "its code cannot be checked out again"
         )
-    found = subprocess.run(
+    # a local repository is asked now; a remote one answers when the commit is cloned
+    remote = "://" in url or url.startswith("git@")
+    found = not remote and subprocess.run(
         ["git", "-C", url, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
     )
-    if found.returncode != 0:
+    if found and found.returncode != 0:
         raise UserError(
             f"run {source.run_id} ran commit {commit}, which the repository {url} does not "
             "have (rebased away, or never pushed there): give the repository that holds it "

@@ -254,3 +254,16 @@ def test_a_checkout_shares_the_projects_data_and_cache(tmp_path):
     assert not (checkout / ".cache").is_symlink()
     shutil.rmtree(checkout)
     assert (project / "data" / "cells" / "a.png").exists()
+
+
+def test_a_remote_git_url_is_not_asked_as_a_folder(tracking_store):
+    """`git -C URL` only reads folders: a remote --git-url is checked when it is cloned,
+    and a local one still now."""
+    mlflow.set_experiment("remote-url")
+    with mlflow.start_run() as active:
+        mlflow.set_tags({"code.commit": "0" * 40, "code.dirty": "false"})
+    source = reproduction.Source(mlflow.MlflowClient().get_run(active.info.run_id))
+    url = "https://git.example.invalid/team/cells.git"
+    assert reproduction.check_commit(source, url, allow_dirty=False) == "0" * 40
+    with pytest.raises(UserError, match="does not have"):
+        reproduction.check_commit(source, str(Path(__file__).parents[1]), allow_dirty=False)
