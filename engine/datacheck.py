@@ -22,8 +22,6 @@ has none: the check is then skipped with a note.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,8 +125,7 @@ def split_checked(
     parts = split_indices(labels, cfg, assigned, group_ids(cluster, paths, column))
     loose = parts
     if len(np.unique(cluster)) < len(cluster):  # the split duplicates would have had
-        with contextlib.redirect_stdout(io.StringIO()):  # its notes were said above
-            loose = split_indices(labels, cfg, assigned, group_ids(None, paths, column))
+        loose = split_indices(labels, cfg, assigned, group_ids(None, paths, column), notes=False)
     splits = np.asarray(split_names(len(labels), parts), str)
     would_be = np.asarray(split_names(len(labels), loose), str)
     found = (records, cluster, paths, labels, class_names, splits, would_be, images_at, search)

@@ -39,9 +39,7 @@ def _stratified(
     parts: tuple[list, list, list] = ([], [], [])
     for k in np.unique(labels[indices]):
         members = rng.permutation(indices[labels[indices] == k])
-        n = len(members)
-        n_test = min(round(n * test), max(n - 2, 0))  # every class keeps a training image
-        n_val = min(round(n * val), n - n_test - 1)
+        n_val, n_test = _split_sizes(len(members), val, test)
         parts[2].append(members[:n_test])
         parts[1].append(members[n_test : n_test + n_val])
         parts[0].append(members[n_test + n_val :])
@@ -51,6 +49,12 @@ def _stratified(
         pick = np.flatnonzero(labels[train] == largest)[0]
         val_idx, train = train[pick : pick + 1], np.delete(train, pick)
     return train, val_idx, test_idx
+
+
+def _split_sizes(n: int, val: float, test: float) -> tuple[int, int]:
+    """(val, test) images of a class of n: every class keeps a training image."""
+    n_test = min(round(n * test), max(n - 2, 0))
+    return min(round(n * val), n - n_test - 1), n_test
 
 
 def _grouped(
@@ -70,9 +74,7 @@ def _grouped(
     part = np.zeros(len(ids), np.int64)  # 0 train, 1 val, 2 test, per group
     for k in np.unique(group_class):
         members = rng.permutation(np.flatnonzero(group_class == k))
-        n = int(sizes[members].sum())
-        n_test = min(round(n * test), max(n - 2, 0))
-        n_val = min(round(n * val), n - n_test - 1)
+        n_val, n_test = _split_sizes(int(sizes[members].sum()), val, test)
         start = np.cumsum(sizes[members]) - sizes[members]  # images dealt before each group
         part[members] = np.where(start < n_test, 2, np.where(start < n_test + n_val, 1, 0))
         if not (part[members] == 0).any():  # every class keeps a training group
@@ -122,7 +124,7 @@ def report_large_groups(groups: np.ndarray, cfg: RunConfig) -> None:
 
 
 def split_indices(
-    labels, cfg: RunConfig, assigned: list[str] | None = None, groups=None
+    labels, cfg: RunConfig, assigned: list[str] | None = None, groups=None, notes: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A seeded split into (train, val, test) index arrays, stratified by class.
 
@@ -137,6 +139,8 @@ def split_indices(
             none val, val is split from its train examples by cfg.val_split.
         groups: a group id per example (None: every example its own group). Examples of
             one group land in one split, except where `assigned` puts them.
+        notes: print the note on groups larger than a split's share (False for a second
+            split of the same data, whose notes were said).
 
     Raises:
         UserError: keeping groups whole leaves val or test empty.
@@ -155,7 +159,7 @@ def split_indices(
         return _grouped(indices, labels, groups, rng, val, test)
 
     if assigned is None:
-        if groups is not None:
+        if groups is not None and notes:
             report_large_groups(groups, cfg)
         train, val, test = draw(everything, cfg.val_split, cfg.test_split)
     else:
