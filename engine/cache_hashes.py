@@ -20,7 +20,6 @@ import numpy as np
 
 from engine import cache as image_cache
 from engine.cache_folder import make_folder
-from engine.decoding import DECODER_VERSION
 from engine.perceptual import CHUNK, RECORD, fingerprints
 from engine.shards import write_atomic
 
@@ -32,8 +31,8 @@ def fingerprint_file(keys: list[str], cache_dir: str, shape: tuple[int, int, int
     digest = hashlib.sha256()
     for key in keys:
         digest.update(key.encode() + b"\n")
-    root = Path(cache_dir).expanduser() if cache_dir else image_cache.default_cache_dir()
-    folder = root / f"{shape[0]}px-{shape[2]}ch-v{DECODER_VERSION}"
+    root = cache_dir or image_cache.default_cache_dir()
+    folder = image_cache.ImageCache(root, shape[0], shape[2]).folder  # the images' own
     return folder / f"fingerprints-v{FINGERPRINT_VERSION}-{digest.hexdigest()[:24]}.bin"
 
 

@@ -33,6 +33,7 @@ from engine.perceptual import components, near_pairs
 from engine.splits import split_indices, split_names
 
 UNIFORM_STD = 2.0  # gray-level std (0..255) under which an image counts as nearly uniform
+ARTIFACT = "data_check.json"  # the report, in the run's artifact root
 LISTED = 1000  # entries of each list kept in data_check.json (the counts are all there)
 ImagesAt = Callable[[np.ndarray], np.ndarray]
 
@@ -229,7 +230,7 @@ def _summary(across: int, apart: bool, conflicts: int, ratio: float, search: dic
         cut_short = f"; near-duplicate search incomplete (look-alike images: {checked} checked)"
     return (
         f"data check: {across} near-duplicate groups across splits ({together}), "
-        f"{conflicts} label conflicts, imbalance {ratio:.1f}:1{cut_short}; see data_check.json"
+        f"{conflicts} label conflicts, imbalance {ratio:.1f}:1{cut_short}; see {ARTIFACT}"
     )
 
 

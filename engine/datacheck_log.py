@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 
 from engine.config import RunConfig, UserError
-from engine.datacheck import DataCheck
+from engine.datacheck import ARTIFACT, DataCheck
 from engine.evaluation import _pyplot
 from engine.images import DataInfo
 
@@ -54,7 +54,7 @@ def log_check(check: DataCheck | None) -> None:
     """Log the report, its metrics and its contact sheet into the active run."""
     if check is None:
         return
-    mlflow.log_dict(check.report, "data_check.json")
+    mlflow.log_dict(check.report, ARTIFACT)
     mlflow.log_metrics(check.metrics)
     if check.sheet:
         figure = contact_sheet(check.sheet)

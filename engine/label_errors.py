@@ -25,7 +25,8 @@ import mlflow
 import numpy as np
 from cleanlab.filter import find_label_issues
 
-ARTIFACT = "data_check.json"  # in the run's artifact root
+from engine.datacheck import ARTIFACT
+
 KEYS = ("groups_across_splits", "label_conflicts", "near_duplicate_groups", "likely_label_errors")
 METRIC = "data_likely_label_errors"
 # Below this share of the way from the largest class's rate to perfect accuracy, a model's
