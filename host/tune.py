@@ -168,8 +168,8 @@ class KubeWorkers:
     processes = 1
     data_here = False
 
-    def __init__(self, workers: int, src: Path, out: Path, run_args: Sequence[str] = ()):
-        self.workers, self.src, self.out, self.run_args = workers, src, out, list(run_args)
+    def __init__(self, workers: int, src: Path, out: Path):
+        self.workers, self.src, self.out = workers, src, out
 
     def check(self, settings: Any) -> None:
         """The storage is PostgreSQL and the tracking URI a server (kube_tune_problem)."""
@@ -188,7 +188,7 @@ class KubeWorkers:
         experiment = json.loads(settings_json)["base"]["experiment_name"]
         argv = [mlflow_command(), "run", str(self.src), "--backend", "kubernetes"]
         argv += ["--backend-config", str(config), "-e", TUNE_ENTRY, "--build-image"]
-        return [*argv, "--experiment-name", experiment, *self.run_args], dict(os.environ)
+        return [*argv, "--experiment-name", experiment], dict(os.environ)
 
 
 def kube_tune_main(argv: Sequence[str], workers: int, src: Path, out: Path) -> int:
